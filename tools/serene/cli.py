@@ -1,0 +1,54 @@
+"""serene: the bench and the host tools of the serene module.
+
+    serene bench       run the whole bench end to end (the main job)
+    serene pumpsim     run the pump simulator on a pty or a serial port
+    serene deploy      compile the firmware with mpy-cross and copy it to a board with mpremote
+    serene provision   create CA, server identity and each module's identity in its STSAFE
+    serene stsafe-emu  run the STSAFE-A110 emulator behind the I2C bridge
+
+Each command is one row of COMMANDS: its module provides `add_arguments(parser)` and
+`run(args)`. Errors meant for the user are raised as CliError and printed as `serene: message`.
+"""
+
+import argparse
+import importlib
+import sys
+
+
+class CliError(Exception):
+    """An error for the person at the terminal: printed as `serene: message`, exit status 1."""
+
+
+#: name -> (module under serene, one-line help)
+COMMANDS = {
+    "bench": ("bench", "run the whole bench end to end (the main job)"),
+    "pumpsim": ("pumpsim.cli", "run the pump simulator on a pty or a serial port"),
+    "deploy": ("deploy", "compile the firmware and copy it to a board with mpremote"),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="serene", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module("serene." + module)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except CliError as e:
+        sys.stdout.flush()
+        print("serene: %s" % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
