@@ -182,24 +182,27 @@ class Encoder:
         """Shortest of half/single/double that keeps the value (RFC 8949 §4.2.2; NaN as
         0xf97e00). On a single-precision port, at most a single is written."""
         i = self.n
+        buf = self.buf
         if x != x:
-            if i + 3 > len(self.buf):
+            h = 0x7E00
+        else:
+            h = _half_bits(x)
+        if h >= 0:
+            if i + 3 > len(buf):
                 raise CborError("overflow", i)
-            self.buf[i] = 0xF9
-            self.buf[i + 1] = 0x7E
-            self.buf[i + 2] = 0
+            buf[i] = 0xF9
+            buf[i + 1] = h >> 8
+            buf[i + 2] = h & 0xFF
             self.n = i + 3
             return
-        for need, fmt, ai in ((3, ">e", _AI_2), (5, ">f", _AI_4), (9, ">d", _AI_8)):
-            try:
-                if struct.unpack(fmt, struct.pack(fmt, x))[0] == x:
-                    break
-            except (OverflowError, ValueError):
-                pass
-        if i + need > len(self.buf):
+        if _fits_single(x):
+            need, fmt, ai = 5, ">f", _AI_4
+        else:
+            need, fmt, ai = 9, ">d", _AI_8
+        if i + need > len(buf):
             raise CborError("overflow", i)
-        self.buf[i] = 0xE0 | ai
-        struct.pack_into(fmt, self.buf, i + 1, x)
+        buf[i] = 0xE0 | ai
+        struct.pack_into(fmt, buf, i + 1, x)
         self.n = i + need
 
     def raw(self, b):
@@ -241,6 +244,36 @@ class Encoder:
             self.item(obj.value)
         else:
             raise CborError("unsupported type %s" % type(obj).__name__, self.n)
+
+
+def _fits_single(x):
+    try:
+        return struct.unpack(">f", struct.pack(">f", x))[0] == x
+    except (OverflowError, ValueError):
+        return False
+
+
+def _half_bits(x):
+    # IEEE 754 binary16 bits of x when x is exactly representable, else -1. Computed from
+    # the binary32 bits: MicroPython's struct "e" packs subnormal halves wrongly (1.29).
+    if not _fits_single(x):
+        return -1
+    b = struct.unpack(">I", struct.pack(">f", x))[0]
+    sign = (b >> 16) & 0x8000
+    exp = (b >> 23) & 0xFF
+    mant = b & 0x7FFFFF
+    if exp == 0xFF:  # infinity (NaN is handled by the caller)
+        return sign | 0x7C00
+    if exp == 0:
+        return sign if mant == 0 else -1  # zero; binary32 subnormals are far below half range
+    e = exp - 127
+    if -14 <= e <= 15:
+        return -1 if mant & 0x1FFF else sign | ((e + 15) << 10) | (mant >> 13)
+    if -24 <= e < -14:  # a half subnormal: value = m * 2**-24
+        m = 0x800000 | mant
+        shift = -(e + 1)
+        return -1 if m & ((1 << shift) - 1) else sign | (m >> shift)
+    return -1
 
 
 def _first(t):

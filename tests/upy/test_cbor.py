@@ -59,6 +59,14 @@ def test_nan_is_canonical_half():
     assert x != x
 
 
+def test_subnormal_half_floats_are_shortest():
+    # binary16 subnormals (m * 2**-24): MicroPython's struct "e" mis-packs them, the encoder
+    # must not rely on it. 0x8214 = -532 * 2**-24; 0x03ff = largest subnormal.
+    assert cbor.encode(-532 * 2.0**-24) == b"\xf9\x82\x14"
+    assert cbor.encode(1023 * 2.0**-24) == b"\xf9\x03\xff"
+    assert cbor.encode(1025 * 2.0**-25) == b"\xfa\x38\x00\x20\x00"  # needs 11 bits
+
+
 def test_map_keys_sorted_bytewise_not_length_first():
     # RFC 8949 §4.2.1: bytewise lexicographic order of encoded keys: 0x1864 (100) sorts
     # before 0x20 (-1), unlike RFC 7049's length-first canonical order.
