@@ -27,19 +27,23 @@ COMMANDS = {
 }
 
 
-def build_parser():
+def build_parser(command=None):
+    """The parser; only `command`'s module is imported (a broken command breaks only itself)."""
     parser = argparse.ArgumentParser(prog="serene", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        mod = importlib.import_module("serene." + module)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if name == command:
+            mod = importlib.import_module("serene." + module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args._run(args) or 0
     except CliError as e:

@@ -1,0 +1,272 @@
+# The application: one asyncio loop of long-lived tasks, built from the config by main.py.
+#
+#   pump link   the pump driver's reader task (frames, ACK/NAK, keep-alive, events)
+#   poller      polls the pump status every poll_period_ms; a change -> a record at once
+#   events      spontaneous pump events and link conditions -> records at once (an alarm
+#               never waits for the next poll)
+#   supervisor  watchdog, gc at a known point, memory gauges, the periodic health record
+#
+# Every record is made in one place, Recorder.emit(): it takes the next sequence number from
+# the sink, encodes the record (firmware/record.py) into one preallocated buffer and hands it
+# to the sink, all under one lock, so sequence order is production order. The sink is where a
+# record goes next: printed (LogSink, the bench before sealing) or sealed and stored.
+import asyncio
+import gc
+import sys
+import time
+
+import micropython
+from micropython import const
+
+from firmware import health as H
+from firmware import log, record
+
+_log = log.Logger("app")
+
+_RESTART_BACKOFF_MS = const(1000)  # a crashed task waits this long before it restarts
+_RESTARTS_BEFORE_RESET = const(5)  # more restarts than this in _RESTART_WINDOW_MS: escalate
+_RESTART_WINDOW_MS = const(60_000)
+_CONNECT_BACKOFF_MIN_MS = const(1000)  # pump (re)connection backoff: 1 s doubling to 30 s
+_CONNECT_BACKOFF_MAX_MS = const(30_000)
+_SUPERVISOR_PERIOD_MS = const(1000)  # < watchdog_ms / 4 for every sane watchdog setting
+
+
+class LogSink:
+    """Prints each record as a log line `I rec: seq=N kind=K cbor=HEX` (bench, pre-sealing)."""
+
+    def __init__(self):
+        self._seq = 0
+        self._log = log.Logger("rec")
+
+    def next_seq(self):
+        self._seq += 1
+        return self._seq
+
+    async def put(self, kind, seq, cbor):
+        from binascii import hexlify
+
+        self._log.info("seq=%d kind=%s cbor=%s", seq, record.KIND_NAMES[kind],
+                       hexlify(cbor).decode())
+
+
+class Recorder:
+    def __init__(self, sink, health, clock=time.time):
+        self.sink = sink
+        self.health = health
+        self.clock = clock
+        self.enc = record.RecordEncoder()
+        self._lock = asyncio.Lock()
+
+    async def emit(self, kind, build, *args):
+        """build(seq, t, *args) -> memoryview: one of RecordEncoder's methods."""
+        async with self._lock:
+            seq = self.sink.next_seq()
+            cbor = build(seq, int(self.clock()), *args)
+            await self.sink.put(kind, seq, cbor)
+            self.health.count(H.RECORDS)
+        return seq
+
+
+class App:
+    def __init__(self, cfg, pump, pump_api, sink=None, watchdog=None, clock=time.time):
+        self.cfg = cfg
+        self.pump = pump
+        self.api = pump_api  # the pump driver's module: PumpStatus, errors, EV_* consts
+        self.health = H.Health()
+        self.rec = Recorder(sink or LogSink(), self.health, clock)
+        self.wdt = watchdog
+        self.status = pump_api.PumpStatus()
+        self.last = pump_api.PumpStatus()
+        self._have_last = False
+        self._last_status_ms = 0
+        self._restarts = []
+        self._was_connected = False
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _changed(self):
+        """Any clinical field changed since the last status record, volume progress aside."""
+        s, p = self.status, self.last
+        return (s.rate != p.rate or s.state != p.state or s.alarms != p.alarms
+                or s.dose != p.dose or s.error != p.error or s.mode != p.mode
+                or s.power != p.power or s.flush_rate != p.flush_rate
+                or s.flush_volume != p.flush_volume)
+
+    def _remember(self):
+        s, p = self.status, self.last
+        for name, _ in record.STATUS_FIELDS:
+            setattr(p, name, getattr(s, name))
+        self._have_last = True
+
+    async def _status_record(self):
+        now = time.ticks_ms()
+        due = time.ticks_diff(now, self._last_status_ms) >= self.cfg["status_every_s"] * 1000
+        if self._have_last and 0 <= self.status.volume < self.last.volume:
+            await self.rec.emit(record.KIND_MODULE, self.rec.enc.coded, record.KIND_MODULE,
+                                record.MOD_VOLUME_RESET, self.last.volume)
+        if not self._have_last or due or self._changed():
+            await self.rec.emit(record.KIND_STATUS, self.rec.enc.status, self.status)
+            self._remember()
+            self._last_status_ms = now
+
+    async def _module_event(self, code, detail=-1):
+        await self.rec.emit(record.KIND_MODULE, self.rec.enc.coded, record.KIND_MODULE,
+                            code, detail)
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    async def _connect(self):
+        backoff = _CONNECT_BACKOFF_MIN_MS
+        while True:
+            try:
+                ident = await self.pump.connect()
+            except self.api.PumpError as e:
+                _log.warn("pump connect failed: %s; retry in %d ms", e, backoff)
+                await asyncio.sleep_ms(backoff)
+                backoff = min(backoff * 2, _CONNECT_BACKOFF_MAX_MS)
+                continue
+            _log.info("pump connected: %s %s %s", ident.device_type, ident.serial,
+                      ident.firmware)
+            if self._was_connected:
+                self.health.count(H.RECONNECTS)
+                await self._module_event(record.MOD_PUMP_RECONNECTED)
+            self._was_connected = True
+            await self.rec.emit(record.KIND_IDENTITY, self.rec.enc.identity, ident)
+            return
+
+    async def poller(self):
+        period = self.cfg["poll_period_ms"]
+        await self._connect()
+        while True:
+            started = time.ticks_ms()
+            try:
+                await self.pump.poll(self.status)
+                self.health.count(H.POLLS)
+                await self._status_record()
+            except self.api.PumpDisconnected:
+                self.health.count(H.POLL_FAILURES)
+                _log.warn("pump disconnected")
+                await self._module_event(record.MOD_PUMP_DISCONNECTED)
+                await self._connect()
+            except self.api.PumpError as e:
+                # The driver has queued the link condition; it becomes a record in events().
+                self.health.count(H.POLL_FAILURES)
+                _log.warn("pump poll failed: %s", e)
+            wait = period - time.ticks_diff(time.ticks_ms(), started)
+            await asyncio.sleep_ms(wait if wait > 0 else 0)
+
+    async def events(self):
+        api = self.api
+        while True:
+            ev = await self.pump.next_event()
+            if ev.kind == api.EV_PUMP:
+                self.health.count(H.PUMP_EVENTS)
+                _log.info("pump event %s", ev.values)
+                await self.rec.emit(record.KIND_PUMP_EVENT, self.rec.enc.pump_event, ev.values)
+            else:
+                self.health.count(H.LINK_CONDITIONS)
+                _log.warn("pump link: %s %s", api.COND_NAMES.get(ev.code, ev.code), ev.values)
+                detail = -1
+                for v in ev.values.values():
+                    if isinstance(v, int):
+                        detail = v
+                        break
+                await self.rec.emit(record.KIND_LINK, self.rec.enc.coded, record.KIND_LINK,
+                                    ev.code, detail)
+
+    async def supervisor(self):
+        period_s = self.cfg["health_period_s"]
+        last_health = time.ticks_ms()
+        free_min = gc.mem_free()
+        while True:
+            if self.wdt is not None and not self._escalating():
+                self.wdt.feed()
+            gc.collect()  # the known quiet point: once a second, between records
+            free_min = min(free_min, gc.mem_free())
+            self.health.gauge(H.MEM_FREE_MIN, free_min)
+            self.health.gauge(H.MEM_PEAK, micropython.mem_peak())
+            if time.ticks_diff(time.ticks_ms(), last_health) >= period_s * 1000:
+                last_health = time.ticks_ms()
+                await self.rec.emit(record.KIND_MODULE, self.rec.enc.health,
+                                    self.health.counters)
+            await asyncio.sleep_ms(_SUPERVISOR_PERIOD_MS)
+
+    # -- resilience ------------------------------------------------------------------------
+
+    def _escalating(self):
+        """Too many task restarts lately: stop feeding the watchdog so the board resets."""
+        now = time.ticks_ms()
+        self._restarts = [t for t in self._restarts
+                          if time.ticks_diff(now, t) < _RESTART_WINDOW_MS]
+        return len(self._restarts) > _RESTARTS_BEFORE_RESET
+
+    async def _guard(self, name, factory):
+        # The top of a long-lived task: whatever kills it (MemoryError included) is named in
+        # the log and the health record, and the task is restarted; repeated deaths escalate
+        # to a watchdog reset (see _escalating).
+        while True:
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - logged, counted, restarted, escalated
+                self.health.count(H.TASK_RESTARTS)
+                self._restarts.append(time.ticks_ms())
+                _log.error("task %s died: %s %s", name, type(e).__name__, e)
+                sys.print_exception(e)
+                await asyncio.sleep_ms(_RESTART_BACKOFF_MS)
+
+    async def run(self, run_for_s=0):
+        await self._module_event(record.MOD_BOOT)
+        tasks = [
+            asyncio.create_task(self._guard("pump", self.pump.run)),
+            asyncio.create_task(self._guard("poller", self.poller)),
+            asyncio.create_task(self._guard("events", self.events)),
+            asyncio.create_task(self._guard("supervisor", self.supervisor)),
+        ]
+        try:
+            if run_for_s > 0:
+                await asyncio.sleep(run_for_s)
+            else:
+                await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.summary()
+
+    def summary(self):
+        """One machine-readable line for the bench: health counters and peak heap."""
+        import json
+
+        self.health.gauge(H.MEM_PEAK, micropython.mem_peak())
+        print("SUMMARY " + json.dumps({H.NAMES[k]: v for k, v in self.health.counters.items()}))
+
+
+def build(cfg):
+    """Wire the app for cfg["board"] (firmware/boards/)."""
+    from firmware import boards
+
+    board = boards.load(cfg["board"])
+    if cfg["pump_protocol"] != "fkbase":
+        raise ValueError("unknown pump protocol: %s" % cfg["pump_protocol"])
+    from drivers.pump import fkbase
+
+    stream = board.open_pump_stream(cfg)
+    pump = fkbase.FKBasePump(stream, address=cfg["pump_address"].encode())
+    board.prepare_storage(cfg)
+    return App(cfg, pump, fkbase, watchdog=board.watchdog(cfg))
+
+
+def main(config_path="config.json", overrides=None):
+    from firmware import config
+
+    cfg = config.load(config_path, overrides)
+    log.set_level(cfg["log_level"])
+    app = build(cfg)
+    try:
+        asyncio.run(app.run(cfg["run_for_s"]))
+    except KeyboardInterrupt:
+        app.summary()
+    finally:
+        asyncio.new_event_loop()

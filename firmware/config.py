@@ -1,0 +1,67 @@
+# The module's configuration: one dict of defaults, overridden by a JSON file, validated.
+#
+# Configuration is data, never executed code (STYLE.md 7.6). Every key has a default that is
+# right for the board; a file names only what differs. An unknown key, or a value of the wrong
+# type, is refused with ConfigError naming the key: a typo must not silently fall back to a
+# default on a medical device.
+
+DEFAULTS = {
+    # board profile: "stm32" or "unix" (firmware/boards/)
+    "board": "stm32",
+    # pump link
+    "pump_protocol": "fkbase",  # drivers/pump/<protocol>.py
+    "pump_device": "",  # unix: serial device path (a pty from the simulator)
+    "pump_uart": 2,  # stm32: UART id; 19200 7E1 per specs/pump-protocol.md
+    "pump_address": "1",
+    "poll_period_ms": 5000,  # how often the status is read (LE)
+    "status_every_s": 60,  # a status record at least this often, changed or not
+    # secure element
+    "se_i2c": 1,  # stm32: I2C bus id
+    "se_bridge_port": 0,  # unix: the I2C bridge's TCP port on 127.0.0.1
+    # storage
+    "data_dir": "/flash/data",
+    # supervisor
+    "health_period_s": 60,  # a health record at least this often
+    "watchdog_ms": 8000,  # stm32 machine.WDT time-out; 0 = off
+    "log_level": 20,  # firmware/log.py levels
+    "run_for_s": 0,  # stop after this many seconds (bench, tests); 0 = run forever
+    # identity (written by provisioning)
+    "device_id": "",
+}
+
+
+class ConfigError(ValueError):
+    def __init__(self, key, reason):
+        super().__init__("config %s: %s" % (key, reason))
+        self.key = key
+
+
+def load(path=None, overrides=None):
+    """Defaults, then the JSON file at `path` (if any), then `overrides` (a dict)."""
+    cfg = dict(DEFAULTS)
+    if path:
+        import json
+
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except OSError as e:
+            raise ConfigError(path, "cannot read: %s" % e)
+        except ValueError as e:
+            raise ConfigError(path, "not JSON: %s" % e)
+        if not isinstance(data, dict):
+            raise ConfigError(path, "not a JSON object")
+        _merge(cfg, data)
+    if overrides:
+        _merge(cfg, overrides)
+    return cfg
+
+
+def _merge(cfg, data):
+    for key, value in data.items():
+        if key not in DEFAULTS:
+            raise ConfigError(key, "unknown key")
+        want = type(DEFAULTS[key])
+        if type(value) is not want:
+            raise ConfigError(key, "expected %s, got %r" % (want.__name__, value))
+        cfg[key] = value

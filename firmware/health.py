@@ -1,0 +1,36 @@
+# Health counters: every failure the module survives is named and counted here, logged when
+# it happens, and reported in a periodic health record (record.KIND_MODULE / MOD_HEALTH).
+#
+# Counter codes are the keys of the health record's counters map; their names are for logs
+# and for the host tools (tools/serene/records.py mirrors this table).
+from micropython import const
+
+POLLS = const(1)  # successful status polls
+POLL_FAILURES = const(2)  # polls that ended in a pump error
+PUMP_EVENTS = const(3)  # spontaneous pump events received
+LINK_CONDITIONS = const(4)  # pump link conditions reported by the driver
+RECONNECTS = const(5)  # pump sessions reopened
+TASK_RESTARTS = const(6)  # a long-lived task died on an unexpected error and was restarted
+RECORDS = const(7)  # records produced
+RECORDS_LOST = const(8)  # records that could not be stored (reported, never silent)
+SE_ERRORS = const(9)  # secure-element failures
+MEM_FREE_MIN = const(10)  # lowest free heap seen (bytes), a gauge
+MEM_PEAK = const(11)  # peak heap use (bytes), a gauge
+
+NAMES = {
+    POLLS: "polls", POLL_FAILURES: "poll_failures", PUMP_EVENTS: "pump_events",
+    LINK_CONDITIONS: "link_conditions", RECONNECTS: "reconnects",
+    TASK_RESTARTS: "task_restarts", RECORDS: "records", RECORDS_LOST: "records_lost",
+    SE_ERRORS: "se_errors", MEM_FREE_MIN: "mem_free_min", MEM_PEAK: "mem_peak",
+}
+
+
+class Health:
+    def __init__(self):
+        self.counters = {code: 0 for code in NAMES}
+
+    def count(self, code, n=1):
+        self.counters[code] += n
+
+    def gauge(self, code, value):
+        self.counters[code] = value
