@@ -71,7 +71,7 @@ class App:
     def __init__(self, cfg, pump, pump_api, sink=None, watchdog=None, clock=time.time):
         self.cfg = cfg
         self.pump = pump
-        self.api = pump_api  # the pump driver's module: PumpStatus, errors, EV_* consts
+        self.api = pump_api  # drivers/pump/base.py: PumpStatus, PumpError family, EV_*, COND_*
         self.health = H.Health()
         self.rec = Recorder(sink or LogSink(), self.health, clock)
         self.wdt = watchdog
@@ -165,7 +165,7 @@ class App:
                 await self.rec.emit(record.KIND_PUMP_EVENT, self.rec.enc.pump_event, ev.values)
             else:
                 self.health.count(H.LINK_CONDITIONS)
-                _log.warn("pump link: %s %s", api.COND_NAMES.get(ev.code, ev.code), ev.values)
+                _log.warn("pump link: %s %s", api.cond_name(ev.code), ev.values)
                 detail = -1
                 for v in ev.values.values():
                     if isinstance(v, int):
@@ -250,12 +250,13 @@ def build(cfg):
     board = boards.load(cfg["board"])
     if cfg["pump_protocol"] != "fkbase":
         raise ValueError("unknown pump protocol: %s" % cfg["pump_protocol"])
+    from drivers.pump import base as pump_api
     from drivers.pump import fkbase
 
     stream = board.open_pump_stream(cfg)
     pump = fkbase.FKBasePump(stream, address=cfg["pump_address"].encode())
     board.prepare_storage(cfg)
-    return App(cfg, pump, fkbase, watchdog=board.watchdog(cfg))
+    return App(cfg, pump, pump_api, watchdog=board.watchdog(cfg))
 
 
 def main(config_path="config.json", overrides=None):

@@ -21,8 +21,12 @@ HEALTH_COUNTERS = {
     6: "task_restarts", 7: "records", 8: "records_lost", 9: "se_errors", 10: "mem_free_min",
     11: "mem_peak",
 }
-# Pump link condition codes, as the pump driver numbers them (drivers/pump/base.py).
-LINK_CONDITIONS = {}
+# Pump link condition codes, as the pump driver numbers them (drivers/pump/base.py COND_*).
+LINK_CONDITIONS = {
+    1: "checksum", 2: "noise", 3: "control_in_frame", 4: "too_long", 5: "nak", 6: "timeout",
+    7: "disconnected", 8: "reconnected", 9: "refused", 10: "bad_reply", 11: "event_overflow",
+    12: "char_error", 13: "address", 14: "forbidden", 15: "internal",
+}
 
 
 class RecordError(ValueError):
@@ -62,6 +66,8 @@ def decode(data):
     out["kind"] = KINDS[out["kind"]]
     if out["kind"] == "module" and "code" in out:
         out["event"] = MODULE_EVENTS.get(out["code"], str(out["code"]))
+    if out["kind"] == "link" and "code" in out:
+        out["condition"] = LINK_CONDITIONS.get(out["code"], str(out["code"]))
     return out
 
 
@@ -84,7 +90,7 @@ def describe(rec):
             and f not in ("kind", "seq", "time"))
     if k == "link":
         return "link    condition %s%s" % (
-            LINK_CONDITIONS.get(rec.get("code"), rec.get("code")),
+            rec.get("condition", "?"),
             " (%s)" % rec["detail"] if "detail" in rec else "")
     if k == "identity":
         return "pump    " + rec.get("text", "")
