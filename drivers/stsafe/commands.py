@@ -1,0 +1,496 @@
+# STSAFE-A110 driver: service layer. One table of command codes and waits, one function per
+# command: check arguments, build the payload in the frame buffer, parse the response.
+# MIT licence, (c) serene-module authors. Spec: specs/stsafe-a110.md §4, §5.
+#
+# Functions take the Session and run under the caller's lock. Functions documented as
+# returning a memoryview return data that ALIASES the frame buffer: copy it before the next
+# command.
+#
+# Assumptions the spec marks as uncertain (§8), kept here in one place (the emulator in
+# tools/serene/stsafe/profile.py makes the same ones):
+# - Read of a one-way-counter zone returns the 4-byte counter, then the data ([SL]); a Read of
+#   length 0 returns the counter alone (read_counter).
+# - Private key table (Query 0x14) layout is [SL]'s: <count><change right><global usage
+#   limit:2> then per slot <slot><presence><mode:2>[<curve OID LV> if present].
+# - Generate Key usage limit 0 = no limit; slot 0xFF always gets usage limit 1 ([MW]).
+import struct
+from collections import namedtuple
+from micropython import const
+
+from . import frame
+from .errors import LengthError, ParameterError
+
+# --- Command codes (spec §4) and waits before the first read (spec §1, [MW] stsafea110.h
+# STSAFEA_MS_WAIT_TIME_CMD_*, "minimum delay before response"). ---
+ECHO = const(0x00)
+RESET = const(0x01)
+GENERATE_RANDOM = const(0x02)
+START_SESSION = const(0x03)
+DECREMENT = const(0x04)
+READ = const(0x05)
+UPDATE = const(0x06)
+DELETE = const(0x0C)
+HIBERNATE = const(0x0D)
+WRAP = const(0x0E)
+UNWRAP = const(0x0F)
+PUT_ATTRIBUTE = const(0x10)
+GENERATE_KEY = const(0x11)
+QUERY = const(0x14)
+GENERATE_SIGNATURE = const(0x16)
+VERIFY_SIGNATURE = const(0x17)
+ESTABLISH_KEY = const(0x18)
+VERIFY_PASSWORD = const(0x1A)
+
+# Index = command code. 0 for codes the A110 does not implement (they get 0x04 back at once).
+WAIT_MS = (
+    0,  # 0x00 Echo
+    30,  # 0x01 Reset
+    15,  # 0x02 Generate Random
+    25,  # 0x03 Start Session
+    15,  # 0x04 Decrement
+    0,  # 0x05 Read
+    15,  # 0x06 Update
+    0, 0, 0, 0, 0,  # 0x07-0x0B: not A110
+    15,  # 0x0C Delete
+    50,  # 0x0D Hibernate
+    125,  # 0x0E Wrap Local Envelope
+    150,  # 0x0F Unwrap Local Envelope
+    15,  # 0x10 Put Attribute
+    160,  # 0x11 Generate Key
+    0, 0,  # 0x12-0x13: not A110
+    1,  # 0x14 Query
+    0,  # 0x15: not A110
+    80,  # 0x16 Generate Signature
+    150,  # 0x17 Verify Signature
+    260,  # 0x18 Establish Key
+    0,  # 0x19: not A110
+    15,  # 0x1A Verify Password
+)  # fmt: skip
+
+# Query subject tags (spec §4).
+TAG_LIFE_CYCLE = const(0x08)
+TAG_I2C = const(0x0A)
+TAG_PRODUCT_DATA = const(0x11)
+TAG_DATA_PARTITION = const(0x12)
+TAG_PRIVATE_KEY_SLOT = const(0x13)
+TAG_PRIVATE_KEY_TABLE = const(0x14)
+TAG_HOST_KEY_SLOT = const(0x17)
+TAG_COMMAND_AUTH = const(0x24)
+
+ZONE_COUNTER = const(1)  # data partition zone type 1 = one-way counter (spec §5)
+_AC_HOST = const(1)  # zone access condition "host": needs host C-MAC (spec §5)
+_POINT_UNCOMPRESSED = const(0x04)
+_COUNTER_LEN = const(4)
+# Largest payload a builder copies into the 507 + 16-byte buffer; the session then checks
+# the whole frame (with C-MAC, padding and CRC) against the 507-byte maximum.
+_MAX_DATA = const(500)
+
+# Curves (spec §5): name -> (OID bytes without the DER tag, coordinate size).
+CURVES = {
+    "P-256": (b"\x2a\x86\x48\xce\x3d\x03\x01\x07", 32),
+    "P-384": (b"\x2b\x81\x04\x00\x22", 48),
+    "BP256": (b"\x2b\x24\x03\x03\x02\x08\x01\x01\x07", 32),
+    "BP384": (b"\x2b\x24\x03\x03\x02\x08\x01\x01\x0b", 48),
+}
+
+# Product data TLV tags (spec §4, Query 0x11), index = tag.
+_PD_NAMES = (
+    None,
+    "mask_id",
+    "st_number",
+    "io_buffer_size",
+    "atomicity_buffer_size",
+    "nvm_size",
+    "test_date",
+    "internal_product_version",
+    "module_date",
+    "firmware_traceability",
+    "blackbox_traceability",
+    "perso_id",
+    "perso_batch_id",
+    "perso_date",
+)
+
+Zone = namedtuple(
+    "Zone", ("index", "type", "read_ac", "read_right", "update_ac", "update_right", "size",
+             "counter")
+)  # fmt: skip
+KeySlot = namedtuple("KeySlot", ("slot", "present", "mode", "curve"))
+
+
+def _data(s, m):
+    """The response data: memoryview aliasing the frame buffer."""
+    return s.mv[frame.RSP_HDR_LEN : frame.RSP_HDR_LEN + m]
+
+
+def _check_len(cmd, data, limit):
+    if len(data) > limit:
+        raise ParameterError(cmd, detail="data too long")
+
+
+def _b_raw(buf, data):
+    buf[1 : 1 + len(data)] = data
+    return len(data)
+
+
+def _b_none(buf, _):
+    return 0
+
+
+def _b_one(buf, b):
+    buf[1] = b
+    return 1
+
+
+def _put_lv(buf, off, data):
+    n = len(data)
+    buf[off] = n >> 8
+    buf[off + 1] = n & 0xFF
+    buf[off + 2 : off + 2 + n] = data
+    return off + 2 + n
+
+
+def _put_point(buf, off, pub, size):
+    """04 LV(X) LV(Y) from an uncompressed public key 04||X||Y."""
+    buf[off] = _POINT_UNCOMPRESSED
+    mv = memoryview(pub)
+    off = _put_lv(buf, off + 1, mv[1 : 1 + size])
+    return _put_lv(buf, off, mv[1 + size : 1 + 2 * size])
+
+
+def _check_point(cmd, pub, curve=None):
+    """(oid, size) of the curve of pub (04||X||Y; P-256 / P-384 by length unless named)."""
+    if curve is None:
+        curve = "P-256" if len(pub) == 65 else "P-384"
+    c = CURVES.get(curve)
+    if c is None:
+        raise ParameterError(cmd, detail="unknown curve")
+    if len(pub) != 1 + 2 * c[1] or pub[0] != _POINT_UNCOMPRESSED:
+        raise ParameterError(cmd, detail="public key is not 04||X||Y for the curve")
+    return c
+
+
+def _take_lv(cmd, d, off, size=None):
+    """(value start, end) of the LV at d[off]; checks bounds and, if given, the size."""
+    if off + 2 > len(d):
+        raise LengthError(cmd, detail=off)
+    n = (d[off] << 8) | d[off + 1]
+    end = off + 2 + n
+    if end > len(d) or (size is not None and n != size):
+        raise LengthError(cmd, detail=n)
+    return off + 2, end
+
+
+# --- General purpose commands ---
+
+
+async def echo(s, data):
+    """Echo: returns a memoryview of the echoed bytes (aliases the frame buffer)."""
+    _check_len(ECHO, data, _MAX_DATA)
+    m = await s.run(ECHO, WAIT_MS[ECHO], len(data), _b_raw, data)
+    return _data(s, m)
+
+
+async def reset(s):
+    await s.run(RESET, WAIT_MS[RESET], 0, _b_none, None, no_mac=True)
+
+
+def _b_random(buf, n):
+    buf[1] = 0x00  # subject 0: ephemeral random
+    buf[2] = n
+    return 2
+
+
+async def generate_random(s, n):
+    """n (1..255) random bytes: memoryview aliasing the frame buffer."""
+    if not 0 < n <= 255:
+        raise ParameterError(GENERATE_RANDOM, detail="1..255 bytes per command")
+    m = await s.run(GENERATE_RANDOM, WAIT_MS[GENERATE_RANDOM], n, _b_random, n)
+    return _data(s, m)
+
+
+async def hibernate(s, mode):
+    """mode 1: wake on I2C start or reset; 2: wake on reset only (spec §4)."""
+    if mode not in (1, 2):
+        raise ParameterError(HIBERNATE, detail="mode 1 or 2")
+    await s.run(HIBERNATE, WAIT_MS[HIBERNATE], 0, _b_one, mode, no_mac=True)
+
+
+# --- Query ---
+
+
+async def query(s, tag, expect=None):
+    """Raw Query response: memoryview aliasing the frame buffer. Never MAC'd: it is how the
+    counter N is re-synchronised."""
+    m = await s.run(QUERY, WAIT_MS[QUERY], expect, _b_one, tag, no_mac=True)
+    return _data(s, m)
+
+
+async def query_product_data(s):
+    d = await query(s, TAG_PRODUCT_DATA)
+    out = {}
+    i = 0
+    while i < len(d):
+        if i + 2 > len(d) or i + 2 + d[i + 1] > len(d):
+            raise LengthError(QUERY, detail=i)
+        tag = d[i]
+        v = bytes(d[i + 2 : i + 2 + d[i + 1]])
+        name = _PD_NAMES[tag] if tag < len(_PD_NAMES) else None
+        if name and name.endswith("_size") and len(v) == 2:
+            v = (v[0] << 8) | v[1]
+        out[name or tag] = v
+        i += 2 + d[i + 1]
+    if "mask_id" not in out or len(out["mask_id"]) != 3:
+        raise LengthError(QUERY, detail="no mask id")
+    return out
+
+
+async def query_host_key_slot(s):
+    """(present, counter N). Updates the session's N (None if no host keys)."""
+    d = await query(s, TAG_HOST_KEY_SLOT, 4)
+    present = d[0] != 0
+    n = (d[1] << 16) | (d[2] << 8) | d[3]
+    s.n = n if present else None
+    return present, n
+
+
+async def query_life_cycle(s):
+    d = await query(s, TAG_LIFE_CYCLE, 1)
+    return d[0]
+
+
+async def query_i2c_parameters(s):
+    """(7-bit address, flags); flags bit0 = lock, bits 2..1 = low-power mode."""
+    d = await query(s, TAG_I2C, 2)
+    return d[0] >> 1, d[1]
+
+
+async def query_data_partition(s):
+    """List of Zone; also caches each zone's type and access conditions in the session."""
+    d = await query(s, TAG_DATA_PARTITION)
+    if len(d) < 1:
+        raise LengthError(QUERY, detail=0)
+    zones = []
+    i = 1
+    for _ in range(d[0]):
+        if i + 5 > len(d):
+            raise LengthError(QUERY, detail=i)
+        idx, typ, ac = d[i], d[i + 1], d[i + 2]
+        size = (d[i + 3] << 8) | d[i + 4]
+        i += 5
+        counter = None
+        if typ == ZONE_COUNTER:
+            if i + 4 > len(d):
+                raise LengthError(QUERY, detail=i)
+            counter = struct.unpack_from(">I", d, i)[0]
+            i += 4
+        z = Zone(idx, typ, (ac >> 4) & 7, ac >> 7, ac & 7, (ac >> 3) & 1, size, counter)
+        zones.append(z)
+        s.zones[idx] = (typ, z.read_ac, z.update_ac, size)
+    return zones
+
+
+async def query_command_authorization(s):
+    """(change right, {cmd: (ac, enc flags)}); the session uses the table from then on."""
+    d = await query(s, TAG_COMMAND_AUTH)
+    if len(d) < 2 or len(d) != 2 + 3 * d[1]:
+        raise LengthError(QUERY, detail=len(d))
+    table = {}
+    for i in range(2, len(d), 3):
+        table[d[i] & frame.CMD_MASK] = (d[i + 1], d[i + 2])
+    s.auth = table
+    return d[0], table
+
+
+async def query_private_key_table(s):
+    """List of KeySlot(slot, present, mode, curve name or OID bytes or None)."""
+    d = await query(s, TAG_PRIVATE_KEY_TABLE)
+    if len(d) < 4:
+        raise LengthError(QUERY, detail=len(d))
+    slots = []
+    i = 4
+    for _ in range(d[0]):
+        if i + 4 > len(d):
+            raise LengthError(QUERY, detail=i)
+        slot, present, mode = d[i], d[i + 1] != 0, (d[i + 2] << 8) | d[i + 3]
+        i += 4
+        curve = None
+        if present:
+            a, i = _take_lv(QUERY, d, i)
+            oid = bytes(d[a:i])
+            curve = oid
+            for name in CURVES:
+                if CURVES[name][0] == oid:
+                    curve = name
+        slots.append(KeySlot(slot, present, mode, curve))
+    return slots
+
+
+def _b_put(buf, a):
+    tag, data = a
+    buf[1] = tag
+    buf[2 : 2 + len(data)] = data
+    return 1 + len(data)
+
+
+async def put_attribute(s, tag, data):
+    _check_len(PUT_ATTRIBUTE, data, _MAX_DATA)
+    await s.run(PUT_ATTRIBUTE, WAIT_MS[PUT_ATTRIBUTE], 0, _b_put, (tag, data), no_mac=True)
+
+
+# --- Data partition ---
+
+
+def zone_needs_mac(s, zone, update):
+    z = s.zones.get(zone)
+    return z is not None and (z[2] if update else z[1]) == _AC_HOST
+
+
+def is_counter_zone(s, zone):
+    z = s.zones.get(zone)
+    return z is not None and z[0] == ZONE_COUNTER
+
+
+def _b_read(buf, a):
+    struct.pack_into(">BBHH", buf, 1, 0x00, a[0], a[1], a[2])  # option 0: plain read
+    return 6
+
+
+async def read(s, zone, offset, length, counter=False):
+    """Read Zone: memoryview (aliases the frame buffer) of the chip's response data. For a
+    counter zone (counter=True) that is the 4-byte counter, then the data."""
+    extra = _COUNTER_LEN if counter else 0
+    if length < 0 or length + extra > _MAX_DATA or not 0 <= offset <= 0xFFFF:
+        raise ParameterError(READ, detail="offset/length")
+    m = await s.run(READ, WAIT_MS[READ], length + extra, _b_read, (zone, offset, length),
+                    need_mac=zone_needs_mac(s, zone, False))  # fmt: skip
+    return _data(s, m)
+
+
+def _b_update(buf, a):
+    option, zone, offset, data = a
+    struct.pack_into(">BBH", buf, 1, option, zone, offset)
+    buf[5 : 5 + len(data)] = data
+    return 4 + len(data)
+
+
+async def update(s, zone, offset, data, atomic=False):
+    """Update Zone with data (one command: see the API for chunking)."""
+    _check_len(UPDATE, data, _MAX_DATA - 4)
+    if not 0 <= offset <= 0xFFFF:
+        raise ParameterError(UPDATE, detail="offset")
+    option = 0x80 if atomic else 0x00  # bit7 = atomic (spec §4)
+    await s.run(UPDATE, WAIT_MS[UPDATE], 0, _b_update, (option, zone, offset, data),
+                need_mac=zone_needs_mac(s, zone, True))  # fmt: skip
+
+
+def _b_decrement(buf, a):
+    zone, offset, amount, data = a
+    struct.pack_into(">BBHI", buf, 1, 0x00, zone, offset, amount)  # option 0: no AC change
+    buf[9 : 9 + len(data)] = data
+    return 8 + len(data)
+
+
+async def decrement(s, zone, amount, data, offset):
+    """Decrement a one-way counter zone (optionally writing data); returns the new value."""
+    _check_len(DECREMENT, data, _MAX_DATA - 8)
+    if not 0 < amount <= 0xFFFFFFFF or not 0 <= offset <= 0xFFFF:
+        raise ParameterError(DECREMENT, detail="amount/offset")
+    m = await s.run(DECREMENT, WAIT_MS[DECREMENT], _COUNTER_LEN, _b_decrement,
+                    (zone, offset, amount, data), need_mac=zone_needs_mac(s, zone, True))  # fmt: skip
+    return struct.unpack_from(">I", s.buf, frame.RSP_HDR_LEN)[0]
+
+
+# --- Keys ---
+
+
+def _b_genkey(buf, a):
+    slot, usage_limit, mode, oid = a
+    struct.pack_into(">BBHH", buf, 1, TAG_PRIVATE_KEY_SLOT, slot, usage_limit, mode)
+    return _put_lv(buf, 7, oid) - 1
+
+
+async def generate_key(s, slot, curve, usage_limit, mode):
+    """Generate Key in a private key slot: returns the public key 04||X||Y (new bytes)."""
+    c = CURVES.get(curve)
+    if c is None or not 0 <= usage_limit <= 0xFFFF or not 0 <= mode <= 0xFFFF:
+        raise ParameterError(GENERATE_KEY, detail="curve/usage limit/mode")
+    size = c[1]
+    m = await s.run(GENERATE_KEY, WAIT_MS[GENERATE_KEY], 1 + 2 * (2 + size), _b_genkey,
+                    (slot, usage_limit, mode, c[0]))  # fmt: skip
+    d = _data(s, m)
+    if d[0] != _POINT_UNCOMPRESSED:
+        raise LengthError(GENERATE_KEY, detail="point format")
+    xa, xe = _take_lv(GENERATE_KEY, d, 1, size)
+    ya, ye = _take_lv(GENERATE_KEY, d, xe, size)
+    out = bytearray(1 + 2 * size)
+    out[0] = _POINT_UNCOMPRESSED
+    out[1 : 1 + size] = d[xa:xe]
+    out[1 + size :] = d[ya:ye]
+    return bytes(out)
+
+
+def _b_sign(buf, a):
+    slot, digest = a
+    buf[1] = slot
+    return _put_lv(buf, 2, digest) - 1
+
+
+async def generate_signature(s, slot, digest):
+    """ECDSA over a host digest (32 or 48 bytes): r||s (new bytes, fixed width)."""
+    n = len(digest)
+    if n not in (32, 48):
+        raise ParameterError(GENERATE_SIGNATURE, detail="digest is 32 or 48 bytes")
+    zero = True
+    for b in digest:
+        if b:
+            zero = False
+            break
+    if zero:
+        # [MW] WORKAROUND_GENERATE_SIGNATURE: the A1x0 hangs on an all-zero digest.
+        raise ParameterError(GENERATE_SIGNATURE, detail="all-zero digest")
+    m = await s.run(GENERATE_SIGNATURE, WAIT_MS[GENERATE_SIGNATURE], None, _b_sign, (slot, digest))
+    d = _data(s, m)
+    ra, re = _take_lv(GENERATE_SIGNATURE, d, 0)
+    sa, se = _take_lv(GENERATE_SIGNATURE, d, re)
+    size = re - ra
+    if se != m or se - sa != size or size not in (32, 48):
+        raise LengthError(GENERATE_SIGNATURE, detail=m)
+    return bytes(d[ra:re]) + bytes(d[sa:se])
+
+
+def _b_verify(buf, a):
+    oid, size, pub, sig, digest = a
+    buf[1] = 0x00  # subject: message authentication
+    off = _put_lv(buf, 2, oid)
+    off = _put_point(buf, off, pub, size)
+    mv = memoryview(sig)
+    off = _put_lv(buf, off, mv[:size])
+    off = _put_lv(buf, off, mv[size:])
+    return _put_lv(buf, off, digest) - 1
+
+
+async def verify_signature(s, pub, sig, digest, curve=None):
+    """True if sig (r||s) is a valid ECDSA signature by pub (04||X||Y) over digest."""
+    oid, size = _check_point(VERIFY_SIGNATURE, pub, curve)
+    if len(sig) != 2 * size or len(digest) not in (32, 48):
+        raise ParameterError(VERIFY_SIGNATURE, detail="signature/digest length")
+    m = await s.run(VERIFY_SIGNATURE, WAIT_MS[VERIFY_SIGNATURE], 1, _b_verify,
+                    (oid, size, pub, sig, digest))  # fmt: skip
+    return s.buf[frame.RSP_HDR_LEN] != 0  # [SL]: non-zero = valid
+
+
+def _b_establish(buf, a):
+    slot, pub, size = a
+    buf[1] = slot
+    return _put_point(buf, 2, pub, size) - 1
+
+
+async def establish_key(s, slot, pub):
+    """ECDH with the key in slot and the peer key pub (04||X||Y): the shared secret Z (the
+    x-coordinate, new bytes). The response is decrypted when the chip encrypts it."""
+    oid, size = _check_point(ESTABLISH_KEY, pub)
+    m = await s.run(ESTABLISH_KEY, WAIT_MS[ESTABLISH_KEY], 2 + size, _b_establish,
+                    (slot, pub, size))  # fmt: skip
+    a, e = _take_lv(ESTABLISH_KEY, _data(s, m), 0, size)
+    return bytes(s.mv[frame.RSP_HDR_LEN + a : frame.RSP_HDR_LEN + e])
