@@ -1,0 +1,435 @@
+"""A private Mosquitto broker for the bench and the tests: per-device accounts and ACLs.
+
+    with Broker(home, ["dev-1", "dev-2"]) as b:    # or b = Broker(...).start(); ...; b.stop()
+        b.port                       # loopback TCP port (plain MQTT)
+        b.tls_port                   # loopback TLS port when Broker(..., tls=True), else None
+        b.credentials("dev-1")       # {"username": "dev-1", "password": "..."}
+        b.server_credentials()       # the medical server's account
+
+Everything lives under `<home>/broker/`:
+    credentials.json   one account per device plus the server's (mode 0600), made once by
+                       ensure_credentials() and kept: a module keeps its password across restarts
+    passwd             Mosquitto password file, PBKDF2-SHA512 hashes in Mosquitto's own format
+                       (`user:$7$<iterations>$<salt b64>$<hash b64>`, what mosquitto_passwd -b
+                       writes; tests/test_broker.py checks the two agree)
+    acl                device <id>: write serene/<id>/up, read serene/<id>/down, nothing else;
+                       the server: read serene/+/up, write serene/+/down
+    mosquitto.conf     loopback listener(s) only, allow_anonymous false, no persistence
+    mosquitto.log      the broker's log
+    tls/               with tls=True: a self-signed P-256 certificate for 127.0.0.1/localhost that
+                       the modules pin (cert.der), and its key
+
+The port is chosen free at the first start and kept for the Broker object's life, so a broker
+stopped and started again (the reconnection tests) listens where the modules expect it.
+Mosquitto is Debian's 2.0.x (`apt-get install mosquitto`, done by tools/dev).
+"""
+
+import base64
+import datetime
+import getpass
+import hashlib
+import ipaddress
+import json
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+
+SERVER_USER = "serene-server"
+#: A device id becomes an MQTT username and a topic level: no wildcard, separator or space.
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: PBKDF2-SHA512 as Mosquitto 2.0 stores it (password_mosq.c: hash type 7, 12-byte salt).
+PW_HASH_TYPE = 7
+PW_SALT_LEN = 12
+PW_ITERATIONS = 1000  # mosquitto_passwd's default is 101; more costs only at connect
+#: How long a starting broker may take to accept connections (it takes ~10 ms here).
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+
+
+class BrokerError(Exception):
+    """The broker could not be configured, started or reached; the message says why."""
+
+
+def up_topic(device_id):
+    return "serene/%s/up" % device_id
+
+
+def down_topic(device_id):
+    return "serene/%s/down" % device_id
+
+
+def check_device_id(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
+        raise BrokerError("device id %r is not usable as an MQTT username and topic level "
+                          "(letters, digits, '_', '.', '-', at most 64)" % (device_id,))
+    if device_id == SERVER_USER:
+        raise BrokerError("device id %r is reserved for the server account" % device_id)
+
+
+def mosquitto_exe():
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                        if os.path.exists("/usr/sbin/mosquitto") else None)
+    if not exe:
+        raise BrokerError("mosquitto is not installed (tools/dev setup installs it; or "
+                          "apt-get install -y mosquitto)")
+    return exe
+
+
+def broker_dir(home):
+    return pathlib.Path(home) / "broker"
+
+
+def _write_private(path, text):
+    """Write a file readable by its owner only (created so, never widened afterwards)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _new_password():
+    return secrets.token_urlsafe(24)
+
+
+def ensure_credentials(home, device_ids):
+    """Load `<home>/broker/credentials.json`, add an account for each new device (and the
+    server), save it, and return it: {"server": {...}, "devices": {id: {...}}}, each account
+    {"username", "password"}. Existing passwords are never changed."""
+    ids = list(device_ids)
+    for dev in ids:
+        check_device_id(dev)
+    d = broker_dir(home)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "credentials.json"
+    creds = {"server": None, "devices": {}}
+    if path.exists():
+        try:
+            creds = json.loads(path.read_text())
+        except ValueError as e:
+            raise BrokerError("%s is not JSON: %s" % (path, e)) from None
+        if not isinstance(creds, dict) or not isinstance(creds.get("devices"), dict):
+            raise BrokerError("%s: not a credentials file" % path)
+    changed = False
+    if not creds.get("server"):
+        creds["server"] = {"username": SERVER_USER, "password": _new_password()}
+        changed = True
+    for dev in ids:
+        if dev not in creds["devices"]:
+            creds["devices"][dev] = {"username": dev, "password": _new_password()}
+            changed = True
+    if changed or not path.exists():
+        _write_private(path, json.dumps(creds, indent=2, sort_keys=True) + "\n")
+    return creds
+
+
+def password_hash(password, salt=None, iterations=PW_ITERATIONS):
+    """One password file entry's hash, as mosquitto_passwd writes it (PBKDF2-SHA512)."""
+    salt = os.urandom(PW_SALT_LEN) if salt is None else salt
+    dk = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return "$%d$%d$%s$%s" % (PW_HASH_TYPE, iterations, base64.b64encode(salt).decode(),
+                             base64.b64encode(dk).decode())
+
+
+def password_file_text(creds):
+    accounts = [creds["server"]] + [creds["devices"][d] for d in sorted(creds["devices"])]
+    return "".join("%s:%s\n" % (a["username"], password_hash(a["password"])) for a in accounts)
+
+
+def acl_text(creds):
+    lines = ["# Generated by serene.broker: each module reaches only its own two topics.",
+             "user %s" % creds["server"]["username"],
+             "topic read serene/+/up",
+             "topic write serene/+/down", ""]
+    for dev in sorted(creds["devices"]):
+        lines += ["user %s" % creds["devices"][dev]["username"],
+                  "topic write %s" % up_topic(dev),
+                  "topic read %s" % down_topic(dev), ""]
+    return "\n".join(lines)
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def make_tls_cert(tls_dir):
+    """A self-signed P-256 certificate for 127.0.0.1 and localhost, made once. Returns the
+    paths (cert.pem, key.pem, cert.der); cert.der is what a module pins."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    tls_dir = pathlib.Path(tls_dir)
+    cert_pem, key_pem, cert_der = (tls_dir / "cert.pem", tls_dir / "key.pem",
+                                   tls_dir / "cert.der")
+    if cert_pem.exists() and key_pem.exists() and cert_der.exists():
+        return cert_pem, key_pem, cert_der
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "serene broker")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(key_pem, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode())
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_der.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    return cert_pem, key_pem, cert_der
+
+
+def config_text(port, passwd, acl, log, tls=None, tls_port=None):
+    lines = [
+        "# Generated by serene.broker. Loopback only; no anonymous access.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        "password_file %s" % passwd,
+        "acl_file %s" % acl,
+        "persistence false",
+        "log_dest file %s" % log,
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        # Medical records are small; refuse anything absurd before it reaches the server.
+        "max_packet_size 65536",
+    ]
+    if os.geteuid() == 0:
+        # As root Mosquitto would switch to the 'mosquitto' user, who cannot read our 0600
+        # files: stay who we are (the bench runs as the developer; CI runs as root).
+        lines.append("user %s" % getpass.getuser())
+    lines.append("listener %d 127.0.0.1" % port)
+    if tls:
+        cert_pem, key_pem = tls
+        lines += ["listener %d 127.0.0.1" % tls_port,
+                  "certfile %s" % cert_pem,
+                  "keyfile %s" % key_pem,
+                  "tls_version tlsv1.2"]
+    return "\n".join(lines) + "\n"
+
+
+class Broker:
+    """A private Mosquitto for `device_ids` under `<home>/broker/`."""
+
+    def __init__(self, home, device_ids, tls=False, port=None, tls_port=None):
+        self.home = pathlib.Path(home)
+        self.device_ids = list(device_ids)
+        self.dir = broker_dir(home)
+        self.tls = tls
+        self.port = port
+        self.tls_port = tls_port
+        self.proc = None
+        self.creds = None
+        self.cert_der = None
+
+    # --- accounts -----------------------------------------------------------------------
+
+    def credentials(self, device_id):
+        if self.creds is None:
+            self.creds = ensure_credentials(self.home, self.device_ids)
+        try:
+            return dict(self.creds["devices"][device_id])
+        except KeyError:
+            raise BrokerError("no broker account for device %r" % device_id) from None
+
+    def server_credentials(self):
+        if self.creds is None:
+            self.creds = ensure_credentials(self.home, self.device_ids)
+        return dict(self.creds["server"])
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def write_config(self):
+        self.creds = ensure_credentials(self.home, self.device_ids)
+        passwd, acl = self.dir / "passwd", self.dir / "acl"
+        _write_private(passwd, password_file_text(self.creds))
+        _write_private(acl, acl_text(self.creds))
+        tls = None
+        if self.tls:
+            cert_pem, key_pem, self.cert_der = make_tls_cert(self.dir / "tls")
+            tls = (cert_pem, key_pem)
+            if self.tls_port is None:
+                self.tls_port = free_port()
+        if self.port is None:
+            self.port = free_port()
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(config_text(self.port, passwd, acl, self.dir / "mosquitto.log",
+                                    tls, self.tls_port))
+        return conf
+
+    def start(self):
+        if self.running():
+            return self
+        conf = self.write_config()
+        log = self.dir / "mosquitto.log"
+        offset = log.stat().st_size if log.exists() else 0
+        self.proc = subprocess.Popen([mosquitto_exe(), "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        ports = [self.port] + ([self.tls_port] if self.tls else [])
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace")
+                self.proc = None
+                raise BrokerError("mosquitto exited at start: %s%s" % (
+                    err.strip(), self._log_tail(log, offset)))
+            if all(_accepts(p) for p in ports):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError("mosquitto did not accept connections on %s within %.0f s%s"
+                                  % (ports, START_TIMEOUT_S, self._log_tail(log, offset)))
+            time.sleep(0.01)
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self):
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @staticmethod
+    def _log_tail(log, offset):
+        try:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return ("\n" + "\n".join(text.splitlines()[-10:])) if text else ""
+
+
+def _accepts(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Probe:
+    """A small synchronous MQTT client (paho) for tests, the bench and diagnostics.
+
+        p = Probe(port, username, password)      # connected, or BrokerError with the reason
+        p.subscribe("serene/+/up")               # -> granted QoS (128 = refused)
+        p.publish("serene/x/down", b"...")       # QoS 1, waits for the PUBACK
+        topic, payload = p.get(timeout=2)        # next received message, or None
+        p.close()
+    """
+
+    def __init__(self, port, username=None, password=None, client_id=None, host="127.0.0.1",
+                 timeout=5.0, tls_ca=None):
+        import queue
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self._mqtt = mqtt
+        self.messages = queue.Queue()
+        self.timeout = timeout
+        self._subacks = {}
+        self._cond = threading.Condition()
+        self._connack = None
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or "probe-" + secrets.token_hex(4))
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls_ca:
+            self.client.tls_set(ca_certs=str(tls_ca))
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_subscribe = self._on_subscribe
+        try:
+            self.client.connect(host, port, keepalive=30)
+        except OSError as e:
+            raise BrokerError("cannot reach the broker on %s:%d: %s" % (host, port, e)) from None
+        self.client.loop_start()
+        with self._cond:
+            self._cond.wait_for(lambda: self._connack is not None, timeout)
+        if self._connack is None or self._connack.is_failure:
+            self.close()
+            raise BrokerError("connect as %r refused: %s" % (username, self._connack))
+
+    def _on_connect(self, client, userdata, flags, reason, props):
+        with self._cond:
+            self._connack = reason
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client, userdata, mid, reasons, props):
+        with self._cond:
+            self._subacks[mid] = reasons
+            self._cond.notify_all()
+
+    def subscribe(self, topic, qos=1):
+        """Subscribe; return the granted QoS (0-2) or 128 when the broker refused it."""
+        rc, mid = self.client.subscribe(topic, qos)
+        if rc != self._mqtt.MQTT_ERR_SUCCESS:
+            raise BrokerError("subscribe %s: %s" % (topic, self._mqtt.error_string(rc)))
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._subacks, self.timeout):
+                raise BrokerError("no SUBACK for %s" % topic)
+            return self._subacks.pop(mid)[0].value
+
+    def publish(self, topic, payload, qos=1):
+        info = self.client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(self.timeout)
+        if not info.is_published():
+            raise BrokerError("publish to %s not acknowledged" % topic)
+
+    def get(self, timeout=None):
+        import queue
+
+        try:
+            return self.messages.get(timeout=self.timeout if timeout is None else timeout)
+        except queue.Empty:
+            return None
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
