@@ -24,6 +24,8 @@ COMMANDS = {
     "bench": ("bench", "run the whole bench end to end (the main job)"),
     "pumpsim": ("pumpsim.cli", "run the pump simulator on a pty or a serial port"),
     "deploy": ("deploy", "compile the firmware and copy it to a board with mpremote"),
+    "provision": ("stsafe.provision", "create CA, server identity and each module's identity"),
+    "stsafe-emu": ("stsafe.emu_cli", "run the STSAFE-A110 emulator behind the I2C bridge"),
 }
 
 
