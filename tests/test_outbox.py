@@ -108,7 +108,9 @@ def test_kill9_at_random_instants_loses_nothing(upy, procs, tmp_path):
         procs.append(p)
         target = rng.randrange(5, 60)
         n = 0
+        seen = []
         for raw in p.stdout:
+            seen.append(raw)
             if raw.startswith(b"S "):
                 n += 1
                 if n >= target:
@@ -116,7 +118,7 @@ def test_kill9_at_random_instants_loses_nothing(upy, procs, tmp_path):
         time.sleep(rng.random() * 0.003)
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        out = raw.decode() + p.stdout.read().decode()
+        out = b"".join(seen).decode() + p.stdout.read().decode()
         for line in out.splitlines():
             f = line.split()
             if len(f) == 3 and f[0] == "S":
