@@ -40,30 +40,30 @@ class AesCcm:
         self._a = bytearray(_BLOCK)  # counter block A_i
         self._s = bytearray(_BLOCK)  # key stream block S_i
 
-    def _absorb(self, data, n, pos):
-        # CBC-MAC over data[:n]: XOR into X, encrypt X at each full block.
+    def _absorb(self, data, off, n, pos):
+        # CBC-MAC over data[off:off + n]: XOR into X, encrypt X at each full block.
         x = self._x
-        enc = self._aes.encrypt
-        for i in range(n):
+        aes = self._aes
+        for i in range(off, off + n):
             x[pos] ^= data[i]
             pos += 1
             if pos == _BLOCK:
-                enc(x, x)
+                aes.encrypt(x, x)
                 pos = 0
         return pos
 
-    def _mac(self, nonce, aad, msg, mlen):
+    def _mac(self, nonce, aad, la, msg, moff, mlen):
         # RFC 3610 §2.2: leaves T (first M bytes) in self._x.
         L = self._L
         x = self._x
-        x[0] = (_ADATA if len(aad) else 0) | (((self.tag_len - 2) >> 1) << 3) | (L - 1)
-        x[1 : 1 + self.nonce_len] = nonce
+        x[0] = (_ADATA if la else 0) | (((self.tag_len - 2) >> 1) << 3) | (L - 1)
+        for i in range(self.nonce_len):
+            x[1 + i] = nonce[i]
         v = mlen
         for i in range(15, 15 - L, -1):
             x[i] = v & 0xFF
             v >>= 8
         self._aes.encrypt(x, x)
-        la = len(aad)
         if la:
             if la < 0xFF00:
                 x[0] ^= la >> 8
@@ -75,35 +75,37 @@ class AesCcm:
                 for i in range(4):
                     x[2 + i] ^= (la >> (24 - 8 * i)) & 0xFF
                 pos = 6
-            if self._absorb(aad, la, pos):
+            if self._absorb(aad, 0, la, pos):
                 self._aes.encrypt(x, x)
-        if mlen and self._absorb(msg, mlen, 0):
+        if mlen and self._absorb(msg, moff, mlen, 0):
             self._aes.encrypt(x, x)
 
-    def _ctr(self, nonce, src, dst, n):
-        # RFC 3610 §2.3: dst[i] = src[i] ^ S_1.., counter from 1; S_0 left in self._s.
+    def _ctr(self, nonce, src, soff, dst, doff, n):
+        # RFC 3610 §2.3: dst[doff + i] = src[soff + i] ^ S_1.., counter from 1; S_0 left in
+        # self._s.
         a = self._a
         s = self._s
-        enc = self._aes.encrypt
+        aes = self._aes
         L = self._L
         a[0] = L - 1
-        a[1 : 1 + self.nonce_len] = nonce
+        for i in range(self.nonce_len):
+            a[1 + i] = nonce[i]
         ctr = 1
         for off in range(0, n, _BLOCK):
             v = ctr
             for i in range(15, 15 - L, -1):
                 a[i] = v & 0xFF
                 v >>= 8
-            enc(a, s)
+            aes.encrypt(a, s)
             end = off + _BLOCK if off + _BLOCK < n else n
             k = 0
             for i in range(off, end):
-                dst[i] = src[i] ^ s[k]
+                dst[doff + i] = src[soff + i] ^ s[k]
                 k += 1
             ctr += 1
         for i in range(15, 15 - L, -1):
             a[i] = 0
-        enc(a, s)
+        aes.encrypt(a, s)
 
     def _check(self, nonce, n, room):
         if len(nonce) != self.nonce_len:
@@ -113,36 +115,41 @@ class AesCcm:
         if room < 0:
             raise CcmError("small buffer")
 
-    def encrypt(self, nonce, aad, plaintext, out):
-        """Writes ciphertext || tag into out (a bytearray or memoryview; it may be the same
-        memory as plaintext) and returns its length, len(plaintext) + tag_len."""
+    def encrypt(self, nonce, aad, plaintext, out, out_off=0, aad_len=-1):
+        """Writes ciphertext || tag into out[out_off:] (out may be the same memory as
+        plaintext, at the same offset) and returns its length, len(plaintext) + tag_len.
+        aad_len >= 0 uses only aad[:aad_len] (a preallocated AAD buffer, no slicing)."""
         n = len(plaintext)
         m = self.tag_len
-        self._check(nonce, n, len(out) - n - m)
-        self._mac(nonce, aad, plaintext, n)
-        self._ctr(nonce, plaintext, out, n)
+        la = len(aad) if aad_len < 0 else aad_len
+        self._check(nonce, n, len(out) - out_off - n - m)
+        self._mac(nonce, aad, la, plaintext, 0, n)
+        self._ctr(nonce, plaintext, 0, out, out_off, n)
         x = self._x
         s = self._s
         for i in range(m):
-            out[n + i] = x[i] ^ s[i]
+            out[out_off + n + i] = x[i] ^ s[i]
         return n + m
 
-    def decrypt(self, nonce, aad, data, out):
-        """Checks and decrypts data = ciphertext || tag into out (may be the same memory as
-        data); returns the plaintext length. Raises CcmError("tag mismatch") and zeroes the
-        plaintext written so far when the tag does not verify."""
+    def decrypt(self, nonce, aad, data, out, data_off=0, aad_len=-1):
+        """Checks and decrypts data[data_off:] = ciphertext || tag into out[0:] (out may be
+        the same memory as data when data_off is 0); returns the plaintext length. Raises
+        CcmError("tag mismatch") and zeroes the plaintext written so far when the tag does
+        not verify."""
         m = self.tag_len
-        n = len(data) - m
+        n = len(data) - data_off - m
         if n < 0:
             raise CcmError("too short")
+        la = len(aad) if aad_len < 0 else aad_len
         self._check(nonce, n, len(out) - n)
-        self._ctr(nonce, data, out, n)
-        self._mac(nonce, aad, out, n)  # leaves S_0 in self._s untouched
+        self._ctr(nonce, data, data_off, out, 0, n)
+        self._mac(nonce, aad, la, out, 0, n)  # leaves S_0 in self._s untouched
         x = self._x
         s0 = self._s
         diff = 0
+        t = data_off + n
         for i in range(m):
-            diff |= (x[i] ^ s0[i]) ^ data[n + i]
+            diff |= (x[i] ^ s0[i]) ^ data[t + i]
         if diff:
             for i in range(n):
                 out[i] = 0
