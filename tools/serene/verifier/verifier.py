@@ -1,0 +1,304 @@
+"""The server's side of the protocol, with state: trusted CA, server key, registered device
+certificates and the epochs seen. Thread-compatible, not thread-safe (one ingest thread)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import warnings
+from typing import Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from . import protocol as p
+from .protocol import VerifyError
+
+
+@dataclasses.dataclass
+class EpochContext:
+    """What the server keeps per (device, epoch). `next_ack_piv` is the Partial IV of the
+    next ack sealed under this epoch's ack key: it must never go back, so an ingest that
+    restarts restores it from storage (set it before sealing)."""
+
+    device_id: str
+    epoch: int
+    keys: p.EpochKeys
+    ephemeral: bytes
+    record: bytes
+    next_ack_piv: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """Result of verify_object(). kind: "epoch", "record" or "checkpoint"."""
+
+    kind: str
+    device_id: str
+    epoch: int
+    seq: int
+    plaintext: bytes | None = None  # records
+    first_seq: int | None = None  # checkpoints: covers first_seq <= s < seq
+    count: int | None = None
+    chain: bytes | None = None
+    signed: p.Signed | None = None
+
+
+def _dev_bytes(device_id: str) -> bytes:
+    return device_id.encode()
+
+
+def _load_cert(c) -> x509.Certificate:
+    if isinstance(c, x509.Certificate):
+        return c
+    c = bytes(c)
+    if c.startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(c)
+    return x509.load_der_x509_certificate(c)
+
+
+class Verifier:
+    """server_key: the server's static P-256 private key (ECDH with the modules' ephemeral
+    keys). ca_cert: the manufacturer CA that signs device certificates. registry: device id
+    -> device certificate (DER/PEM bytes or x509.Certificate) registered at provisioning;
+    a device not in it is accepted only if `accept_unregistered` and its epoch record carries
+    a certificate that chains to the CA with the device id as subject common name."""
+
+    def __init__(
+        self,
+        server_key: ec.EllipticCurvePrivateKey,
+        ca_cert,
+        registry: Mapping[str, object] | None = None,
+        accept_unregistered: bool = False,
+        clock=None,
+    ):
+        if not isinstance(server_key, ec.EllipticCurvePrivateKey) or not isinstance(
+            server_key.curve, ec.SECP256R1
+        ):
+            raise ValueError("server key must be a P-256 private key")
+        self.server_key = server_key
+        self.ca = _load_cert(ca_cert)
+        self.accept_unregistered = accept_unregistered
+        self._clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self.certs: dict[str, x509.Certificate] = {}
+        self.epochs: dict[tuple[str, int], EpochContext] = {}
+        for dev, cert in (registry or {}).items():
+            c = _load_cert(cert)
+            self._check_cert(dev, c, registered=True)
+            self.certs[dev] = c
+
+    # ---- certificates -------------------------------------------------------------------
+
+    def _check_cert(self, device_id: str, cert: x509.Certificate, registered: bool) -> None:
+        try:
+            cert.verify_directly_issued_by(self.ca)
+        except Exception as e:  # ValueError, TypeError, InvalidSignature
+            raise VerifyError("bad certificate", f"not issued by the CA: {e}") from None
+        now = self._clock()
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise VerifyError("bad certificate", "outside its validity period")
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+            key.curve, ec.SECP256R1
+        ):
+            raise VerifyError("bad certificate", "not a P-256 key")
+        if not registered:
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if not cns or cns[0].value != device_id:
+                raise VerifyError("bad certificate", "subject CN is not the device id")
+
+    def _device_cert(self, device_id: str, s: p.Signed) -> x509.Certificate:
+        known = self.certs.get(device_id)
+        u = s.unprotected
+        # Strict: nothing in the unprotected bucket but the one certificate parameter, so
+        # that no bit of an epoch record can change without the record being refused.
+        if len(u) > 1 or (u and next(iter(u)) not in (p.HDR_X5CHAIN, p.HDR_X5T)):
+            raise VerifyError("bad header", f"unprotected parameters {sorted(u, key=str)}")
+        if p.HDR_X5CHAIN in u:
+            der = u[p.HDR_X5CHAIN]
+            if isinstance(der, (list, tuple)) and len(der) == 1:
+                der = der[0]
+            if not isinstance(der, bytes):
+                raise VerifyError("bad header", "x5chain is not one certificate")
+            try:
+                with warnings.catch_warnings():  # e.g. a corrupted serial number
+                    warnings.simplefilter("ignore")
+                    cert = x509.load_der_x509_certificate(der)
+            except (ValueError, x509.InvalidVersion) as e:
+                raise VerifyError("bad certificate", str(e)) from None
+            if known is not None:
+                if cert != known:
+                    raise VerifyError("bad certificate", "not the registered certificate")
+                return known
+            if not self.accept_unregistered:
+                raise VerifyError("unknown device", device_id)
+            self._check_cert(device_id, cert, registered=False)
+            self.certs[device_id] = cert
+            return cert
+        if known is None:
+            raise VerifyError("unknown device", f"{device_id}: no registered certificate")
+        if p.HDR_X5T in u:
+            t = u[p.HDR_X5T]
+            der = known.public_bytes(Encoding.DER)
+            if not (
+                isinstance(t, (list, tuple))
+                and len(t) == 2
+                and t[0] == p.X5T_SHA256_64
+                and t[1] == p.x5t(der)
+            ):
+                raise VerifyError("bad certificate", "x5t does not name the registered cert")
+        return known
+
+    # ---- objects --------------------------------------------------------------------------
+
+    def _signed_for(self, device_id: str, obj: bytes) -> p.Signed:
+        s = p.parse_signed(obj)
+        if s.device_id != _dev_bytes(device_id):
+            raise VerifyError("wrong device", f"payload names {s.device_id!r}")
+        return s
+
+    def accept_epoch(self, device_id: str, obj: bytes) -> EpochContext:
+        """Verify an epoch record (certificate chain to the CA, ES256 signature, payload),
+        derive the epoch's keys with the server key and remember them. Idempotent for the
+        same bytes or a copy differing only in the unprotected bucket (certificate by value
+        or by reference); a different record for a known (device, epoch) is rejected."""
+        s = self._signed_for(device_id, obj)
+        if s.type != p.TYPE_EPOCH:
+            raise VerifyError("bad payload", "not an epoch record")
+        if s.seq != 0 or len(s.fields) != 1 or not isinstance(s.fields[0], bytes):
+            raise VerifyError("bad payload", "epoch record must be [1, dev, epoch, 0, key]")
+        cert = self._device_cert(device_id, s)
+        p.verify_signed(s, cert.public_key())
+        pub = s.fields[0]
+        if len(pub) != 33 or pub[0] not in (2, 3):
+            raise VerifyError("bad ephemeral key", "not a compressed P-256 point")
+        old = self.epochs.get((device_id, s.epoch))
+        if old is not None:
+            if p.parse_signed(old.record).message.payload != s.message.payload:
+                raise VerifyError("epoch conflict", f"epoch {s.epoch} already announced")
+            return old
+        z = p.ecdh(self.server_key, pub)
+        ctx = EpochContext(
+            device_id=device_id,
+            epoch=s.epoch,
+            keys=p.derive_keys(z, _dev_bytes(device_id), s.epoch),
+            ephemeral=pub,
+            record=bytes(obj),
+        )
+        self.epochs[(device_id, s.epoch)] = ctx
+        return ctx
+
+    def epoch(self, device_id: str, epoch: int) -> EpochContext:
+        ctx = self.epochs.get((device_id, epoch))
+        if ctx is None:
+            raise VerifyError("unknown epoch", f"{device_id} epoch {epoch}")
+        return ctx
+
+    def current_epoch(self, device_id: str) -> int | None:
+        """The device's newest known epoch (the counter counts down: the smallest number)."""
+        known = [e for (d, e) in self.epochs if d == device_id]
+        return min(known) if known else None
+
+    def open_record(self, device_id: str, obj: bytes, epoch: int | None = None):
+        """Open a sealed object. `epoch` comes from the frame that carried it, or from the
+        object's kid. Returns (epoch, seq, plaintext)."""
+        s = p.parse_sealed(obj)
+        if s.kid is not None:
+            kid_epoch = int.from_bytes(s.kid, "big")
+            if epoch is not None and epoch != kid_epoch:
+                raise VerifyError("other epoch", f"kid {kid_epoch}, frame {epoch}")
+            epoch = kid_epoch
+        if epoch is None:
+            raise VerifyError("unknown epoch", "no kid and no epoch from the frame")
+        ctx = self.epoch(device_id, epoch)
+        if s.piv == 0:
+            raise VerifyError("bad header", "seq 0 is the epoch record, never sealed")
+        seq, pt = p.open_sealed(
+            obj, ctx.keys.record_key, ctx.keys.record_iv, _dev_bytes(device_id), epoch
+        )
+        return epoch, seq, pt
+
+    def verify_checkpoint(self, device_id: str, obj: bytes) -> Opened:
+        """Check a checkpoint's signature and payload (not yet the records it covers: see
+        check_checkpoint). Its epoch must be known (its record verified)."""
+        s = self._signed_for(device_id, obj)
+        if s.type != p.TYPE_CHECKPOINT:
+            raise VerifyError("bad payload", "not a checkpoint")
+        self.epoch(device_id, s.epoch)
+        if s.unprotected:
+            raise VerifyError("bad header", "a checkpoint has an empty unprotected bucket")
+        first, count, chain = p.checkpoint_fields(s)
+        p.verify_signed(s, self.certs[device_id].public_key())
+        return Opened("checkpoint", device_id, s.epoch, s.seq, None, first, count, chain, s)
+
+    @staticmethod
+    def check_checkpoint(cp: Opened, stored: Mapping[int, bytes]) -> None:
+        """Prove stored objects (seq -> sealed bytes, of the checkpoint's epoch) are exactly
+        what the module sealed in the checkpoint's range, or raise VerifyError."""
+        p.check_chain(cp.signed, stored)
+
+    def verify_object(self, device_id: str, obj: bytes, epoch: int | None = None) -> Opened:
+        """Any uplink object: epoch record, sealed record/event, or checkpoint."""
+        if p.classify(obj) == "sealed":
+            ep, seq, pt = self.open_record(device_id, obj, epoch)
+            return Opened("record", device_id, ep, seq, pt)
+        s = p.parse_signed(obj)
+        if s.type == p.TYPE_EPOCH:
+            ctx = self.accept_epoch(device_id, obj)
+            return Opened("epoch", device_id, ctx.epoch, 0, signed=s)
+        if s.type == p.TYPE_CHECKPOINT:
+            return self.verify_checkpoint(device_id, obj)
+        raise VerifyError("bad payload", f"unknown signed object type {s.type}")
+
+    def seal_ack(
+        self, device_id: str, acked_epoch: int, cum: int, bitmap: int, epoch: int | None = None
+    ) -> bytes:
+        """Seal an ack of (acked_epoch, cum, bitmap) under the ack key of `epoch` (default:
+        the device's current epoch, the one the module holds keys for), with the next
+        Partial IV of that epoch and the kid. The module rejects any other epoch's key."""
+        if epoch is None:
+            epoch = self.current_epoch(device_id)
+            if epoch is None:
+                raise VerifyError("unknown epoch", f"{device_id}: no epoch yet")
+        ctx = self.epoch(device_id, epoch)
+        piv = ctx.next_ack_piv
+        obj = p.seal(
+            p.ack_plaintext(acked_epoch, cum, bitmap),
+            piv,
+            ctx.keys.ack_key,
+            ctx.keys.ack_iv,
+            _dev_bytes(device_id),
+            epoch,
+            with_kid=True,
+        )
+        ctx.next_ack_piv = piv + 1
+        return obj
+
+
+def load_pem_key(data: bytes) -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(data, None)
+
+
+__all__ = ["Verifier", "EpochContext", "Opened", "VerifyError", "load_pem_key", "from_home"]
+
+
+def from_home(home, accept_unregistered: bool = False) -> Verifier:
+    """A Verifier from a provisioning directory (serene.stsafe.provision layout):
+    server/server.key.pem, ca/ca.crt.pem and registry.json's device certificates."""
+    import json
+    import pathlib
+
+    home = pathlib.Path(home)
+    key = load_pem_key((home / "server" / "server.key.pem").read_bytes())
+    ca = (home / "ca" / "ca.crt.pem").read_bytes()
+    reg_path = home / "registry.json"
+    registry = {}
+    if reg_path.exists():
+        reg = json.loads(reg_path.read_text())
+        for dev, entry in reg.get("devices", {}).items():
+            registry[dev] = entry["certificate"].encode()
+    return Verifier(key, ca, registry, accept_unregistered=accept_unregistered)
