@@ -40,7 +40,7 @@ _DEBUG = const(False)
 _MAGIC = const(0xB1)
 _HDR = const(12)  # magic, kind, len, epoch, seq
 _OVH = const(16)  # header + crc32
-_MAX_KIND = const(255)
+_MAX_KIND = const(127)  # the link frame carries the kind in 7 bits
 _MAX_U32 = const(0xFFFFFFFF)
 _MAX_SEG = const(0xFFFF)  # positions pack the offset in 16 bits
 _MAX_BITS = const(256)  # acked-beyond-cumulative bits kept per epoch (acks cover a window)
@@ -156,9 +156,11 @@ class Outbox:
         self._rentry = Entry()
         # Index of live segments, oldest first: (segno, size) pairs in one array, 8 bytes a
         # segment; entries stay on flash. _head caches (segno, size, first_epoch, last_epoch,
-        # last_seq) of the oldest segment, rebuilt by a scan when that segment changes.
+        # last_seq) of the oldest segment, rebuilt by a scan when that segment changes; _first
+        # is the id of the oldest entry in the log (None: empty).
         self._ix = array("I")
         self._head = None
+        self._first = None
         self._bytes = 0
         self._next_segno = 1
         self._f = None  # append handle on the newest segment
@@ -270,6 +272,7 @@ class Outbox:
         rep["state"] = self._load_state()
         self._ix = array("I")
         self._head = None
+        self._first = None
         self._bytes = 0
         self._last = None
         self._cache_seg = -1
@@ -336,6 +339,8 @@ class Outbox:
                 continue
             if out != off:
                 mv[out : out + n] = mv[off : off + n]
+            if self._first is None:
+                self._first = (epoch, seq)
             count += 1
             last = (epoch, seq)
             out += n
@@ -512,6 +517,8 @@ class Outbox:
         self._ix[-1] = off + size
         self._bytes += size
         self._last = (epoch, seq)
+        if self._first is None:
+            self._first = self._last
         self.stats["appended"] += 1
         if covers is not None and self._overflow is not None and list(covers) == self._overflow:
             self._overflow = None
@@ -695,11 +702,18 @@ class Outbox:
     # ---------------------------------------------------------------- acknowledgements
 
     def is_acked(self, epoch, seq):
+        """True if (epoch, seq) is acknowledged, or older than everything left in the log
+        (acknowledged and reclaimed)."""
         a = self._acks.get(epoch)
-        if a is None:
-            return False
-        d = seq - a[0]
-        return d <= 0 or (d <= _MAX_BITS and (a[1] >> (d - 1)) & 1 == 1)
+        if a is not None:
+            d = seq - a[0]
+            if d <= 0 or (d <= _MAX_BITS and (a[1] >> (d - 1)) & 1 == 1):
+                return True
+        f = self._first
+        if f is None:
+            f = self._last
+            return f is not None and (epoch < f[0] or (epoch == f[0] and seq <= f[1]))
+        return epoch < f[0] or (epoch == f[0] and seq < f[1])
 
     def mark_acked(self, epoch, cum_seq, bitmap=0, bitmap_len=0):
         """Apply a verified ack in RAM: every seq <= cum_seq of `epoch`, and cum_seq+1+i for
@@ -710,8 +724,7 @@ class Outbox:
         last = self._last
         if last is None or epoch > last[0]:
             return False  # nothing of that epoch was ever appended
-        head = self._head_info()
-        if head is not None and epoch < head[2]:
+        if self._first is not None and epoch < self._first[0]:
             return False  # nothing of that epoch is left in the log
         bitmap &= (1 << min(bitmap_len, _MAX_BITS)) - 1
         if epoch == last[0] and cum_seq + bitmap_len > last[1]:
@@ -751,8 +764,7 @@ class Outbox:
         return self._try_write_state()
 
     def _prune_acks(self):
-        head = self._head_info()
-        keep = None if head is None else head[2]
+        keep = None if self._first is None else self._first[0]
         for epoch in list(self._acks):
             if keep is None or epoch < keep:
                 del self._acks[epoch]
@@ -762,7 +774,8 @@ class Outbox:
                 del self._acks[epoch]
 
     def _head_info(self):
-        """(segno, size, first_epoch, last_epoch, last_seq) of the oldest segment, or None."""
+        """(segno, size, first_epoch, last_epoch, last_seq, first_seq) of the oldest segment,
+        or None."""
         ix = self._ix
         if not ix:
             return None
@@ -781,9 +794,11 @@ class Outbox:
                 continue
             last = struct.unpack_from("<II", mv, off + 4)
             if first is None:
-                first = last[0]
+                first = last
             off += n
-        self._head = h = (ix[0], ix[1], last[0] if first is None else first, last[0], last[1])
+        if first is None:
+            first = last
+        self._head = h = (ix[0], ix[1], first[0], last[0], last[1], first[1])
         return h
 
     def _head_acked(self):
@@ -818,6 +833,8 @@ class Outbox:
             self._bytes -= ix[1]
             self._ix = ix[2:]
             self._head = None
+            h = self._head_info()
+            self._first = None if h is None else (h[2], h[5])
             if self._cache_seg == segno:
                 self._cache_seg = -1
             self.stats["reclaimed"] += 1

@@ -1,0 +1,409 @@
+# Radio-agnostic link layer: sealed objects from the outbox to the server, over whichever radio
+# is up, until the server's authenticated acks say they arrived.
+#
+# Uplink frame, version 1 (docs/link-format.md is the reference; tools/serene/linkframe.py the
+# host-side parser):
+#   hdr u8 = version << 4 | flags (version 1, flags 0)  |  epoch uvarint
+#   then entries up to the end of the frame:
+#     kf u8 = FRAG (0x80) | kind (0..127)  |  seq uvarint
+#     [FRAG: total uvarint, offset uvarint]  |  len uvarint  |  data[len]
+# uvarint: unsigned LEB128, minimal, at most 5 bytes (values < 2**32).
+# The device is named by the channel (MQTT topic, LoRa DevEUI), never in the frame.
+#
+# Behaviour:
+#   - Objects go out in outbox order (so an epoch record precedes its records, a checkpoint
+#     follows the records it covers); one frame carries one epoch; an object larger than what
+#     is left of a frame is fragmented (one that fits a fresh frame whole starts a new one).
+#   - At most `window` objects are in flight. An object is resent, whole and byte for byte (it
+#     is read again from the outbox), when its ack deadline passes: rto_ms << (tries - 1),
+#     capped at rto_max_ms, minus up to a quarter of random jitter (so never above the cap).
+#   - Downlink payloads go to ack_opener.open() and nowhere else: (epoch, cum, bitmap, nbits)
+#     from it is applied to the outbox (mark_acked, then commit when it acknowledged something
+#     new); ValueError from it (forged, replayed, malformed) is counted and the payload dropped.
+#   - Before each frame the radio's duty-cycle budget is consulted and charged (time on air).
+#   - After a reboot a new Link starts from the outbox's first unacknowledged object.
+import time
+from micropython import const
+
+try:
+    from random import getrandbits
+except ImportError:  # a port without random: jitter from os.urandom
+    from os import urandom
+
+    def getrandbits(n):
+        return int.from_bytes(urandom(4), "little") & ((1 << n) - 1)
+
+
+_DEBUG = const(False)
+
+VERSION = const(1)
+_HDR = const(0x10)  # VERSION << 4, flags 0
+_FRAG = const(0x80)
+_KIND_MASK = const(0x7F)
+_MIN_FRAG_DATA = const(8)  # do not open a fragment in a frame with less room than this
+_MAX_DOWNLINK = const(256)  # an ack is < 64 bytes sealed; anything this long is not one
+_MIN_MTU = const(24)  # a fresh frame must hold a fragment header (<= 12 B) and data
+# Defaults sized for LTE-M/BLE round trips (~1 s); a LoRa deployment passes rto_ms larger than
+# the ToA of a full frame plus the RX1/RX2 windows (1 s / 2 s after the uplink, RP002 §2.2).
+_RTO_MS = const(2000)
+_RTO_MAX_MS = const(60000)
+_POLL_MS = const(250)  # how long the loop listens when nothing is due (new appends wait this)
+_SEND_TIMEOUT_MS = const(10000)  # longest LoRa frame (SF12, 51 B) is ~2.8 s on air
+
+
+class LinkError(Exception):
+    """The link layer refused something. `reason`: short name; `detail`: data."""
+
+    def __init__(self, reason, detail=None):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def varint_len(v):
+    n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+def put_varint(buf, i, v):
+    while v >= 0x80:
+        buf[i] = (v & 0x7F) | 0x80
+        v >>= 7
+        i += 1
+    buf[i] = v
+    return i + 1
+
+
+class Link:
+    """Link(outbox, radios, ack_opener, window=32, rto_ms=2000, rto_max_ms=60000,
+    poll_ms=250, clock=time.ticks_ms)
+
+    radios: one radio or a list in order of preference (the first that is_up() is used).
+    The synchronous core (pick_radio, build_frame, on_downlink, wakeup_ms) does all the
+    bookkeeping and is what tests drive on a virtual clock; run() is the asyncio loop around it.
+    """
+
+    def __init__(
+        self,
+        outbox,
+        radios,
+        ack_opener,
+        window=32,
+        rto_ms=_RTO_MS,
+        rto_max_ms=_RTO_MAX_MS,
+        poll_ms=_POLL_MS,
+        clock=time.ticks_ms,
+    ):
+        if not isinstance(radios, (list, tuple)):
+            radios = [radios]
+        if not radios or window < 1 or rto_ms < 1 or rto_max_ms < rto_ms:
+            raise LinkError("config", (len(radios), window, rto_ms, rto_max_ms))
+        self.outbox = outbox
+        self.radios = radios
+        self.opener = ack_opener
+        self.window = window
+        self.rto_ms = rto_ms
+        self.rto_max_ms = rto_max_ms
+        self.poll_ms = poll_ms
+        self.clock = clock
+        self._frame = bytearray(max(256, max(r.mtu for r in radios)))
+        # In-flight objects, one slot each (preallocated lists, no per-object allocation).
+        self._used = [False] * window
+        self._epoch = [0] * window
+        self._seq = [0] * window
+        self._pos = [0] * window
+        self._tries = [0] * window
+        self._due = [0] * window
+        self._nused = 0
+        self._cont = -1  # slot whose fragments are being sent, or -1
+        self._cont_off = 0
+        self._next_pos = 0  # outbox position of the next object never sent since start
+        self._radio = None
+        self.stats = {
+            "frames": 0,
+            "bytes": 0,
+            "objects": 0,
+            "retransmissions": 0,
+            "fragments": 0,
+            "acks": 0,
+            "acks_rejected": 0,
+            "downlink_dropped": 0,
+            "send_errors": 0,
+            "lost_in_outbox": 0,
+            "failovers": 0,
+        }
+
+    # ---------------------------------------------------------------- radios
+
+    def pick_radio(self):
+        """The first radio that is up, or None. Counts a failover when it changes."""
+        for r in self.radios:
+            if r.is_up():
+                if r is not self._radio:
+                    if self._radio is not None:
+                        self.stats["failovers"] += 1
+                    self._radio = r
+                    # A new MTU: an object half sent in fragments starts again whole.
+                    self._cont = -1
+                return r
+        return None
+
+    # ---------------------------------------------------------------- in-flight table
+
+    def _free(self, i):
+        self._used[i] = False
+        self._nused -= 1
+        if self._cont == i:
+            self._cont = -1
+
+    def _drop_acked(self):
+        ob = self.outbox
+        for i in range(self.window):
+            if self._used[i] and ob.is_acked(self._epoch[i], self._seq[i]):
+                self._free(i)
+
+    def _backoff(self, tries):
+        d = self.rto_ms << min(tries - 1, 20)
+        if d > self.rto_max_ms:
+            d = self.rto_max_ms
+        return d - getrandbits(16) % (d // 4 + 1)
+
+    def _due_slot(self, now, epoch):
+        """The in-flight object whose ack deadline has passed, lowest (epoch, seq) first; with
+        `epoch` given, only one of that epoch. -1 if none."""
+        best = -1
+        for i in range(self.window):
+            if not self._used[i] or i == self._cont:
+                continue
+            if time.ticks_diff(self._due[i], now) > 0:
+                continue
+            if epoch is not None and self._epoch[i] != epoch:
+                continue
+            if best < 0 or (self._epoch[i], self._seq[i]) < (self._epoch[best], self._seq[best]):
+                best = i
+        return best
+
+    def _new_slot(self, e, now):
+        for i in range(self.window):
+            if not self._used[i]:
+                self._used[i] = True
+                self._nused += 1
+                self._epoch[i] = e.epoch
+                self._seq[i] = e.seq
+                self._pos[i] = e.pos
+                self._tries[i] = 0
+                # Due at once: should its fragments be interrupted (failover), it goes again.
+                self._due[i] = now
+                return i
+        return -1
+
+    # ---------------------------------------------------------------- uplink
+
+    def wakeup_ms(self, radio, now):
+        """Milliseconds until build_frame may have something to send on `radio` (0 = now),
+        at most poll_ms (new objects may be appended meanwhile)."""
+        w = radio.budget.wait_ms(now)
+        if w > 0:
+            return min(w, self.poll_ms)
+        if self._cont >= 0:
+            return 0
+        if self._nused < self.window and self.outbox.next_entry(self._next_pos) is not None:
+            return 0
+        best = self.poll_ms
+        for i in range(self.window):
+            if self._used[i] and i != self._cont:
+                d = time.ticks_diff(self._due[i], now)
+                if d < best:
+                    best = d if d > 0 else 0
+        return best
+
+    def build_frame(self, radio, now):
+        """The next frame to send on `radio` at `now`, or None (nothing due, duty cycle).
+
+        Marks what it carries as sent (ack deadlines start now) and charges the radio's duty
+        budget: call it only when the frame will be sent. The result aliases the link's frame
+        buffer (valid until the next call)."""
+        if radio.budget.wait_ms(now) > 0:
+            return None
+        self._drop_acked()
+        mtu = min(radio.mtu, len(self._frame))
+        if mtu < _MIN_MTU:
+            raise LinkError("mtu", mtu)
+        buf = self._frame
+        n = 0
+        epoch = None
+        ob = self.outbox
+        while True:
+            # 1. the rest of a fragmented object, 2. an overdue one, 3. a new one
+            i = self._cont
+            off = self._cont_off
+            if i < 0:
+                off = 0
+                i = self._due_slot(now, epoch)
+                if i < 0 and self._nused < self.window:
+                    e = ob.next_entry(self._next_pos)
+                    if e is None or (epoch is not None and e.epoch != epoch):
+                        break  # nothing new, or another epoch: next frame
+                    if not self._fits(e, n, mtu, 0):
+                        break
+                    i = self._new_slot(e, now)
+                    self._next_pos = e.next
+                    self.stats["objects"] += 1
+                    # e (aliasing the outbox cache) stays valid: no outbox call until _put
+                else:
+                    if i < 0:
+                        break
+                    self.stats["retransmissions"] += 1
+                    e = ob.read(self._pos[i])
+            else:
+                if epoch is not None and self._epoch[i] != epoch:
+                    break
+                e = ob.read(self._pos[i])
+            if e is None:
+                # Reclaimed (acked meanwhile) or failed its CRC in the outbox: nothing to send.
+                if not ob.is_acked(self._epoch[i], self._seq[i]):
+                    self.stats["lost_in_outbox"] += 1
+                self._free(i)
+                continue
+            if not self._fits(e, n, mtu, off):
+                break
+            if n == 0:
+                buf[0] = _HDR
+                n = put_varint(buf, 1, e.epoch)
+                epoch = e.epoch
+            n, end = self._put(e, off, n, mtu)
+            if end == len(e.data):
+                self._tries[i] += 1
+                self._due[i] = time.ticks_add(now, self._backoff(self._tries[i]))
+                self._cont = -1
+            else:
+                self._cont = i
+                self._cont_off = end
+                if _DEBUG:
+                    print("link: fragment of", e.epoch, e.seq, "up to", end)
+                break
+        if n == 0:
+            return None
+        self.stats["frames"] += 1
+        self.stats["bytes"] += n
+        radio.budget.charge(radio.time_on_air_ms(n), now)
+        return memoryview(buf)[:n]
+
+    def _fits(self, e, n, mtu, off):
+        """Whether (part of) entry e, from byte `off`, should go into a frame holding n bytes
+        (n = 0: a fresh frame, which always takes at least a fragment)."""
+        size = len(e.data)
+        fresh = 1 + varint_len(e.epoch)
+        if n == 0:
+            n = fresh
+        room = mtu - n
+        if off == 0:
+            whole = 1 + varint_len(e.seq) + varint_len(size) + size
+            if whole <= room:
+                return True
+            if n > fresh and whole <= mtu - fresh:
+                return False  # fits a fresh frame whole: do not split it
+        frag = 1 + varint_len(e.seq) + 2 * varint_len(size) + varint_len(off)
+        if n == fresh:
+            return room - frag >= 1
+        return room - frag >= min(_MIN_FRAG_DATA, size - off)
+
+    def _put(self, e, off, n, mtu):
+        """Write entry e (whole, or a fragment from `off`) at buf[n:]; returns (new n, offset
+        just past the data written)."""
+        buf = self._frame
+        data = e.data
+        size = len(data)
+        kind = e.kind & _KIND_MASK
+        if off == 0:
+            whole = 1 + varint_len(e.seq) + varint_len(size) + size
+            if whole <= mtu - n:
+                buf[n] = kind
+                n = put_varint(buf, n + 1, e.seq)
+                n = put_varint(buf, n, size)
+                buf[n : n + size] = data
+                return n + size, size
+        buf[n] = kind | _FRAG
+        n = put_varint(buf, n + 1, e.seq)
+        n = put_varint(buf, n, size)
+        n = put_varint(buf, n, off)
+        room = mtu - n
+        k = size - off
+        if k > room - 1:
+            k = room - 1
+        while k + varint_len(k) > room:  # the length field takes from the room it describes
+            k -= 1
+        n = put_varint(buf, n, k)
+        buf[n : n + k] = data[off : off + k]
+        self.stats["fragments"] += 1
+        return n + k, off + k
+
+    # ---------------------------------------------------------------- downlink
+
+    def on_downlink(self, payload):
+        """Give a downlink payload to the ack opener and apply the ack. Nothing else is ever
+        done with a downlink. True if it acknowledged something new."""
+        if not payload or len(payload) > _MAX_DOWNLINK:
+            self.stats["downlink_dropped"] += 1
+            return False
+        try:
+            epoch, cum, bitmap, nbits = self.opener.open(payload)
+            new = self.outbox.mark_acked(epoch, cum, bitmap, nbits)
+        except ValueError as e:  # forged, replayed or malformed (the opener's contract)
+            self.stats["acks_rejected"] += 1
+            if _DEBUG:
+                print("link: downlink rejected", e)
+            return False
+        except Exception as e:  # noqa: BLE001 - untrusted input must not kill the loop
+            # An opener that breaks its contract (IndexError on a short payload...) or an ack
+            # the outbox refuses (OutboxError): counted, named, dropped.
+            self.stats["acks_rejected"] += 1
+            if isinstance(e, MemoryError):
+                raise
+            if _DEBUG:
+                print("link: downlink error", repr(e))
+            return False
+        self.stats["acks"] += 1
+        if new:
+            self.outbox.commit()
+            self._drop_acked()
+        return new
+
+    # ---------------------------------------------------------------- asyncio loop
+
+    def in_flight(self):
+        return self._nused
+
+    async def run(self):
+        """Send, listen, repeat; forever. Radio errors are counted and retried with backoff."""
+        import asyncio
+
+        while True:
+            radio = self.pick_radio()
+            if radio is None:
+                await asyncio.sleep_ms(self.poll_ms)
+                continue
+            now = self.clock()
+            frame = self.build_frame(radio, now)
+            if frame is not None:
+                try:
+                    await asyncio.wait_for_ms(radio.send(bytes(frame)), _SEND_TIMEOUT_MS)
+                except (OSError, asyncio.TimeoutError) as e:
+                    # The objects keep their ack deadlines: they go again after the backoff.
+                    self.stats["send_errors"] += 1
+                    if _DEBUG:
+                        print("link: send failed", radio.name, repr(e))
+            wait = self.wakeup_ms(radio, self.clock())
+            try:
+                payload = await radio.recv(wait)
+            except OSError as e:
+                self.stats["send_errors"] += 1
+                if _DEBUG:
+                    print("link: recv failed", radio.name, repr(e))
+                await asyncio.sleep_ms(min(wait, self.poll_ms))
+                continue
+            if payload is not None:
+                self.on_downlink(payload)
