@@ -3,8 +3,8 @@
 # Spec: /work/shared/specs/stsafe-a110.md (compiled from ST's STSAFE-A1xx middleware V3.3.6 and
 # STSELib v1.1.9); derived test vectors in stsafe-a110-vectors.txt.
 #
-# Layers (spec §7): STSAFE (this file: API, lock, chunking) -> commands (one function per
-# command, code/wait table) -> session (C-MAC/R-MAC, encryption, counter N, one exchange)
+# Layers (spec §7): STSAFE (this file: API, chunking) -> commands (one function per
+# command, code/wait table) -> session (lock, C-MAC/R-MAC, encryption, counter N, exchange)
 # -> frame (CRC, header bits, LEN) -> transport (I2C with NACK polling) -> the injected i2c.
 #
 #     se = STSAFE(i2c, host_mac_key=k1, host_cipher_key=k2)
@@ -14,12 +14,23 @@
 # Every I/O method is a coroutine; the chip's processing time is spent in asyncio.sleep_ms,
 # and each command/response pair holds one asyncio.Lock. Errors: SEError and subclasses
 # (errors.py), each carrying .cmd and .code.
-import asyncio
 from micropython import const
 
 from . import commands as _c
-from .errors import *  # noqa: F401,F403 (re-exported: the driver's exception classes)
-from .errors import CryptoError, LengthError, ParameterError, SEError, WrongDevice
+from . import errors
+from .errors import (  # noqa: F401 (re-exported)
+    BusError,
+    CRCError,
+    CryptoError,
+    LengthError,
+    NackTimeout,
+    ParameterError,
+    RMACError,
+    SEError,
+    SEHostError,
+    SEStatusError,
+    WrongDevice,
+)
 from .session import HostKeys, Session
 from .transport import Transport
 
@@ -43,8 +54,18 @@ _MASK_A120 = const(0x6000)
 _LC_TERMINATED = const(0x04)
 
 
-class STSAFE:
-    """An STSAFE-A110 on an I2C bus (an injected object with the machine.I2C API)."""
+def __getattr__(name):
+    # The chip-status classes (KeyNotFound, InvalidCMAC, ...), made on first use (errors.py).
+    return errors.__getattr__(name)
+
+
+class STSAFE(Session):
+    """An STSAFE-A110 on an I2C bus (an injected object with the machine.I2C API).
+
+    Every I/O method is a coroutine. Results are new objects (the frame buffer never escapes
+    the lock). A command/response pair holds the session's asyncio.Lock; chunked operations
+    (random, read, update, read_certificate) take it per chunk.
+    """
 
     def __init__(
         self,
@@ -64,20 +85,14 @@ class STSAFE:
             if host_mac_key is None or host_cipher_key is None:
                 raise ParameterError(None, detail="give both host keys or neither")
             keys = HostKeys(host_mac_key, host_cipher_key)
-        self._s = Session(Transport(i2c, addr, poll_ms), keys, busy_timeout_ms, mac_all)
-        self._s.sync = _c.query_host_key_slot
-        self._lock = asyncio.Lock()
+        super().__init__(Transport(i2c, addr, poll_ms), keys, busy_timeout_ms, mac_all)
+        self.sync = _c.sync_counter
         self.product = None
 
     @property
     def counter(self):
         """The host C-MAC counter N as the driver tracks it (None = to be re-queried)."""
-        return self._s.n
-
-    @property
-    def resyncs(self):
-        """How many times a lost counter step was resynchronised."""
-        return self._s.resyncs
+        return self.n
 
     async def init(self):
         """Check the chip is an operational A110; read the command authorization table,
@@ -92,83 +107,41 @@ class STSAFE:
             raise WrongDevice(_c.QUERY, detail="life cycle: terminated")
         await self.query_command_authorization()
         await self.query_data_partition()
-        if self._s.keys is not None:
+        if self.keys is not None:
             await self.query_host_key_slot()
         self.product = pd
         return pd
 
-    # --- General purpose ---
-
-    async def echo(self, data):
-        async with self._lock:
-            return bytes(await _c.echo(self._s, data))
-
-    async def reset(self):
-        async with self._lock:
-            await _c.reset(self._s)
-
-    async def hibernate(self, mode=1):
-        async with self._lock:
-            await _c.hibernate(self._s, mode)
+    # One command each (commands.py): the function's first argument is this object.
+    echo = _c.echo
+    reset = _c.reset
+    hibernate = _c.hibernate
+    query_product_data = _c.query_product_data
+    query_host_key_slot = _c.query_host_key_slot
+    query_life_cycle = _c.query_life_cycle
+    query_i2c_parameters = _c.query_i2c_parameters
+    query_data_partition = _c.query_data_partition
+    query_command_authorization = _c.query_command_authorization
+    query_private_key_table = _c.query_private_key_table
+    decrement = _c.decrement
+    generate_signature = _c.generate_signature
+    verify_signature = _c.verify_signature
+    establish_key = _c.establish_key
 
     async def random(self, n):
         """n random bytes from the chip, in commands of at most 255."""
         out = bytearray(n)
-        i = 0
-        while i < n:
-            k = min(_RANDOM_CHUNK, n - i)
-            async with self._lock:
-                out[i : i + k] = await _c.generate_random(self._s, k)
-            i += k
+        for i in range(0, n, _RANDOM_CHUNK):
+            await _c.generate_random_into(self, out, i, min(_RANDOM_CHUNK, n - i))
         return bytes(out)
 
-    # --- Query ---
-
-    async def _q(self, fn):
-        async with self._lock:
-            return await fn(self._s)
-
-    async def query_product_data(self):
-        return await self._q(_c.query_product_data)
-
-    async def query_host_key_slot(self):
-        """(present, counter N); also resynchronises the driver's N."""
-        return await self._q(_c.query_host_key_slot)
-
-    async def query_life_cycle(self):
-        return await self._q(_c.query_life_cycle)
-
-    async def query_i2c_parameters(self):
-        return await self._q(_c.query_i2c_parameters)
-
-    async def query_data_partition(self):
-        """List of commands.Zone(index, type, read_ac, read_right, update_ac, update_right,
-        size, counter)."""
-        return await self._q(_c.query_data_partition)
-
-    async def query_command_authorization(self):
-        """(change right, {cmd: (access condition, encryption flags)})."""
-        return await self._q(_c.query_command_authorization)
-
-    async def query_private_key_table(self):
-        """List of commands.KeySlot(slot, present, mode, curve)."""
-        return await self._q(_c.query_private_key_table)
-
-    # --- Data partition ---
-
     async def read(self, zone, offset, length):
-        """length bytes of zone from offset, in commands of at most 253 bytes. For a
-        counter zone (known from init()) the data only, without the counter."""
+        """length bytes of zone from offset, in commands of at most 253 bytes of response.
+        For a counter zone (known from init()) the data only, without the counter."""
         out = bytearray(length)
-        counter = _c.is_counter_zone(self._s, zone)
-        chunk = _RW_CHUNK - (4 if counter else 0)
-        i = 0
-        while i < length:
-            k = min(chunk, length - i)
-            async with self._lock:
-                d = await _c.read(self._s, zone, offset + i, k, counter)
-                out[i : i + k] = d[4:] if counter else d
-            i += k
+        chunk = _RW_CHUNK - (4 if _c.is_counter_zone(self, zone) else 0)
+        for i in range(0, length, chunk):
+            await _c.read_into(self, zone, offset + i, out, i, min(chunk, length - i))
         return bytes(out)
 
     async def update(self, zone, offset, data, atomic=False):
@@ -176,24 +149,15 @@ class STSAFE:
         chunk atomic on its own."""
         chunk = _ATOMIC_CHUNK if atomic else _RW_CHUNK
         mv = memoryview(data)
-        i = 0
-        while i < len(data):
-            k = min(chunk, len(data) - i)
-            async with self._lock:
-                await _c.update(self._s, zone, offset + i, mv[i : i + k], atomic)
-            i += k
-
-    async def decrement(self, zone, amount=1, data=b"", offset=0):
-        """Decrement the one-way counter of zone by amount (optionally writing data at
-        offset in the same command); returns the new counter value."""
-        async with self._lock:
-            return await _c.decrement(self._s, zone, amount, data, offset)
+        for i in range(0, len(data), chunk):
+            await _c.update_one(self, zone, offset + i, mv[i : i + chunk], atomic)
 
     async def read_counter(self, zone):
-        """The one-way counter of a counter zone (Read of length 0, see commands.py)."""
-        async with self._lock:
-            d = await _c.read(self._s, zone, 0, 0, True)
-            return (d[0] << 24) | (d[1] << 16) | (d[2] << 8) | d[3]
+        """The one-way counter of a counter zone (a Read of length 0; init() first, so that
+        the driver knows the zone is a counter)."""
+        if not _c.is_counter_zone(self, zone):
+            raise ParameterError(_c.READ, detail="not a known counter zone")
+        return await _c.read_into(self, zone, 0, None, 0, 0)
 
     async def read_certificate(self, zone=0):
         """The DER certificate stored at the start of zone; its size comes from the DER
@@ -209,12 +173,10 @@ class STSAFE:
             size = h[1] + 2
         else:
             raise LengthError(_c.READ, detail="DER length form")
-        z = self._s.zones.get(zone)
+        z = self.zones.get(zone)
         if z is not None and size > z[3]:
             raise LengthError(_c.READ, detail=size)
         return await self.read(zone, 0, size)
-
-    # --- Keys ---
 
     async def generate_key(self, slot, curve="P-256", usage_limit=None, mode=None):
         """Generate a key pair in slot; returns the public key 04||X||Y (65 bytes for P-256).
@@ -227,25 +189,7 @@ class STSAFE:
             usage_limit = 0
         if mode is None:
             mode = _MODE_ESTABLISH if eph else _MODE_SIGN_DIGEST
-        async with self._lock:
-            return await _c.generate_key(self._s, slot, curve, usage_limit, mode)
-
-    async def generate_signature(self, slot, digest):
-        """ECDSA signature r||s (64 bytes for P-256) of a 32/48-byte digest with the key in
-        slot. Refuses an all-zero digest (the chip hangs on it) with ParameterError."""
-        async with self._lock:
-            return await _c.generate_signature(self._s, slot, digest)
-
-    async def verify_signature(self, pubkey, sig, digest, curve=None):
-        """True if the chip finds sig (r||s) valid for pubkey (04||X||Y) over digest."""
-        async with self._lock:
-            return await _c.verify_signature(self._s, pubkey, sig, digest, curve)
-
-    async def establish_key(self, slot, peer_pubkey):
-        """ECDH between the key in slot and peer_pubkey (04||X||Y): shared secret Z (32
-        bytes for P-256), decrypted when the chip encrypts the response."""
-        async with self._lock:
-            return await _c.establish_key(self._s, slot, peer_pubkey)
+        return await _c.generate_key_raw(self, slot, curve, usage_limit, mode)
 
     async def put_host_keys(self, mac_key, cipher_key):
         """Pair the chip with this MCU: Put Attribute host keys (once per chip). The driver
@@ -253,7 +197,6 @@ class STSAFE:
         if len(mac_key) != 16 or len(cipher_key) != 16:
             raise ParameterError(_c.PUT_ATTRIBUTE, detail="host keys are 16 bytes each")
         keys = HostKeys(mac_key, cipher_key)
-        async with self._lock:
-            await _c.put_attribute(self._s, _TAG_HOST_KEYS, bytes(mac_key) + bytes(cipher_key))
-            self._s.keys = keys
-            self._s.n = None
+        await _c.put_attribute(self, _TAG_HOST_KEYS, bytes(mac_key) + bytes(cipher_key))
+        self.keys = keys
+        self.n = None

@@ -2,9 +2,10 @@
 # command: check arguments, build the payload in the frame buffer, parse the response.
 # MIT licence, (c) serene-module authors. Spec: specs/stsafe-a110.md §4, §5.
 #
-# Functions take the Session and run under the caller's lock. Functions documented as
-# returning a memoryview return data that ALIASES the frame buffer: copy it before the next
-# command.
+# Each command is three small functions: a builder (writes the payload into the frame
+# buffer), a parser (reads the response data, under the session lock, into new objects or a
+# caller's buffer) and the coroutine the API exposes, which hands both to Session.run. They
+# become STSAFE methods (the first argument is the STSAFE, a Session).
 #
 # Assumptions the spec marks as uncertain (§8), kept here in one place (the emulator in
 # tools/serene/stsafe/profile.py makes the same ones):
@@ -119,13 +120,16 @@ KeySlot = namedtuple("KeySlot", ("slot", "present", "mode", "curve"))
 
 
 def _data(s, m):
-    """The response data: memoryview aliasing the frame buffer."""
+    """The response data: memoryview aliasing the frame buffer (only inside a parser)."""
     return s.mv[frame.RSP_HDR_LEN : frame.RSP_HDR_LEN + m]
 
 
 def _check_len(cmd, data, limit):
     if len(data) > limit:
         raise ParameterError(cmd, detail="data too long")
+
+
+# --- builders: (buf, arg) -> payload length, payload at buf[1:] ---
 
 
 def _b_raw(buf, data):
@@ -158,16 +162,19 @@ def _put_point(buf, off, pub, size):
     return _put_lv(buf, off, mv[1 + size : 1 + 2 * size])
 
 
-def _check_point(cmd, pub, curve=None):
-    """(oid, size) of the curve of pub (04||X||Y; P-256 / P-384 by length unless named)."""
-    if curve is None:
-        curve = "P-256" if len(pub) == 65 else "P-384"
-    c = CURVES.get(curve)
-    if c is None:
-        raise ParameterError(cmd, detail="unknown curve")
-    if len(pub) != 1 + 2 * c[1] or pub[0] != _POINT_UNCOMPRESSED:
-        raise ParameterError(cmd, detail="public key is not 04||X||Y for the curve")
-    return c
+# --- parsers: (session, data length, arg) -> result ---
+
+
+def _p_none(s, m, arg):
+    return None
+
+
+def _p_bytes(s, m, arg):
+    return bytes(_data(s, m))
+
+
+def _p_u32(s, m, arg):
+    return struct.unpack_from(">I", s.buf, frame.RSP_HDR_LEN)[0]
 
 
 def _take_lv(cmd, d, off, size=None):
@@ -181,57 +188,70 @@ def _take_lv(cmd, d, off, size=None):
     return off + 2, end
 
 
+def _check_point(cmd, pub, curve=None):
+    """(oid, size) of the curve of pub (04||X||Y; P-256 / P-384 by length unless named)."""
+    if curve is None:
+        curve = "P-256" if len(pub) == 65 else "P-384"
+    c = CURVES.get(curve)
+    if c is None:
+        raise ParameterError(cmd, detail="unknown curve")
+    if len(pub) != 1 + 2 * c[1] or pub[0] != _POINT_UNCOMPRESSED:
+        raise ParameterError(cmd, detail="public key is not 04||X||Y for the curve")
+    return c
+
+
 # --- General purpose commands ---
 
 
 async def echo(s, data):
-    """Echo: returns a memoryview of the echoed bytes (aliases the frame buffer)."""
+    """Echo: the chip returns data."""
     _check_len(ECHO, data, _MAX_DATA)
-    m = await s.run(ECHO, WAIT_MS[ECHO], len(data), _b_raw, data)
-    return _data(s, m)
+    return await s.run(ECHO, WAIT_MS[ECHO], len(data), _b_raw, _p_bytes, data)
 
 
 async def reset(s):
-    await s.run(RESET, WAIT_MS[RESET], 0, _b_none, None, no_mac=True)
+    """Reset: the chip's volatile state (ephemeral key) is cleared."""
+    await s.run(RESET, WAIT_MS[RESET], 0, _b_none, _p_none, None, no_mac=True)
 
 
-def _b_random(buf, n):
+def _b_random(buf, a):
     buf[1] = 0x00  # subject 0: ephemeral random
-    buf[2] = n
+    buf[2] = a[2]
     return 2
 
 
-async def generate_random(s, n):
-    """n (1..255) random bytes: memoryview aliasing the frame buffer."""
+def _p_into(s, m, a):
+    """Copy the response data into a[0] (a bytearray) at offset a[1]."""
+    a[0][a[1] : a[1] + m] = _data(s, m)
+
+
+async def generate_random_into(s, out, off, n):
+    """n (1..255) random bytes into out[off:off+n]."""
     if not 0 < n <= 255:
         raise ParameterError(GENERATE_RANDOM, detail="1..255 bytes per command")
-    m = await s.run(GENERATE_RANDOM, WAIT_MS[GENERATE_RANDOM], n, _b_random, n)
-    return _data(s, m)
+    await s.run(GENERATE_RANDOM, WAIT_MS[GENERATE_RANDOM], n, _b_random, _p_into, (out, off, n))
 
 
-async def hibernate(s, mode):
-    """mode 1: wake on I2C start or reset; 2: wake on reset only (spec §4)."""
+async def hibernate(s, mode=1):
+    """Hibernate. mode 1: wake on I2C start or reset; 2: wake on reset only (spec §4)."""
     if mode not in (1, 2):
         raise ParameterError(HIBERNATE, detail="mode 1 or 2")
-    await s.run(HIBERNATE, WAIT_MS[HIBERNATE], 0, _b_one, mode, no_mac=True)
+    await s.run(HIBERNATE, WAIT_MS[HIBERNATE], 0, _b_one, _p_none, mode, no_mac=True)
 
 
-# --- Query ---
+# --- Query (never MAC'd: it is how the counter N is re-synchronised) ---
 
 
-async def query(s, tag, expect=None):
-    """Raw Query response: memoryview aliasing the frame buffer. Never MAC'd: it is how the
-    counter N is re-synchronised."""
-    m = await s.run(QUERY, WAIT_MS[QUERY], expect, _b_one, tag, no_mac=True)
-    return _data(s, m)
+async def _query(s, tag, expect, parse):
+    return await s.run(QUERY, WAIT_MS[QUERY], expect, _b_one, parse, tag, no_mac=True)
 
 
-async def query_product_data(s):
-    d = await query(s, TAG_PRODUCT_DATA)
+def _p_product_data(s, m, arg):
+    d = _data(s, m)
     out = {}
     i = 0
-    while i < len(d):
-        if i + 2 > len(d) or i + 2 + d[i + 1] > len(d):
+    while i < m:
+        if i + 2 > m or i + 2 + d[i + 1] > m:
             raise LengthError(QUERY, detail=i)
         tag = d[i]
         v = bytes(d[i + 2 : i + 2 + d[i + 1]])
@@ -240,47 +260,70 @@ async def query_product_data(s):
             v = (v[0] << 8) | v[1]
         out[name or tag] = v
         i += 2 + d[i + 1]
-    if "mask_id" not in out or len(out["mask_id"]) != 3:
+    if len(out.get("mask_id", b"")) != 3:
         raise LengthError(QUERY, detail="no mask id")
     return out
 
 
-async def query_host_key_slot(s):
-    """(present, counter N). Updates the session's N (None if no host keys)."""
-    d = await query(s, TAG_HOST_KEY_SLOT, 4)
-    present = d[0] != 0
-    n = (d[1] << 16) | (d[2] << 8) | d[3]
+async def query_product_data(s):
+    """Product data as a dict: "mask_id" (3 bytes), "st_number" (9), "io_buffer_size" (int),
+    ... (names in _PD_NAMES; unknown tags keyed by number)."""
+    return await _query(s, TAG_PRODUCT_DATA, None, _p_product_data)
+
+
+def _p_host_key_slot(s, m, arg):
+    d = s.buf
+    present = d[3] != 0
+    n = (d[4] << 16) | (d[5] << 8) | d[6]
     s.n = n if present else None
     return present, n
 
 
+async def query_host_key_slot(s):
+    """(present, counter N); also resynchronises the driver's N."""
+    return await _query(s, TAG_HOST_KEY_SLOT, 4, _p_host_key_slot)
+
+
+async def sync_counter(s):
+    """Query host key slot under the lock already held by Session.run (resync of N)."""
+    return await s.run_locked(QUERY, WAIT_MS[QUERY], 4, _b_one, _p_host_key_slot,
+                              TAG_HOST_KEY_SLOT, no_mac=True)  # fmt: skip
+
+
+def _p_first(s, m, arg):
+    return s.buf[frame.RSP_HDR_LEN]
+
+
 async def query_life_cycle(s):
-    d = await query(s, TAG_LIFE_CYCLE, 1)
-    return d[0]
+    """Life cycle state: 0x01 born, 0x03 operational, 0x04 terminated (+0x80 locked)."""
+    return await _query(s, TAG_LIFE_CYCLE, 1, _p_first)
+
+
+def _p_i2c(s, m, arg):
+    d = s.buf
+    return d[3] >> 1, d[4]
 
 
 async def query_i2c_parameters(s):
     """(7-bit address, flags); flags bit0 = lock, bits 2..1 = low-power mode."""
-    d = await query(s, TAG_I2C, 2)
-    return d[0] >> 1, d[1]
+    return await _query(s, TAG_I2C, 2, _p_i2c)
 
 
-async def query_data_partition(s):
-    """List of Zone; also caches each zone's type and access conditions in the session."""
-    d = await query(s, TAG_DATA_PARTITION)
-    if len(d) < 1:
+def _p_partition(s, m, arg):
+    d = _data(s, m)
+    if m < 1:
         raise LengthError(QUERY, detail=0)
     zones = []
     i = 1
     for _ in range(d[0]):
-        if i + 5 > len(d):
+        if i + 5 > m:
             raise LengthError(QUERY, detail=i)
         idx, typ, ac = d[i], d[i + 1], d[i + 2]
         size = (d[i + 3] << 8) | d[i + 4]
         i += 5
         counter = None
         if typ == ZONE_COUNTER:
-            if i + 4 > len(d):
+            if i + 4 > m:
                 raise LengthError(QUERY, detail=i)
             counter = struct.unpack_from(">I", d, i)[0]
             i += 4
@@ -290,40 +333,54 @@ async def query_data_partition(s):
     return zones
 
 
-async def query_command_authorization(s):
-    """(change right, {cmd: (ac, enc flags)}); the session uses the table from then on."""
-    d = await query(s, TAG_COMMAND_AUTH)
-    if len(d) < 2 or len(d) != 2 + 3 * d[1]:
-        raise LengthError(QUERY, detail=len(d))
+async def query_data_partition(s):
+    """List of Zone(index, type, read_ac, read_right, update_ac, update_right, size,
+    counter); the driver then knows which zones need the host C-MAC and are counters."""
+    return await _query(s, TAG_DATA_PARTITION, None, _p_partition)
+
+
+def _p_auth(s, m, arg):
+    d = _data(s, m)
+    if m < 2 or m != 2 + 3 * d[1]:
+        raise LengthError(QUERY, detail=m)
     table = {}
-    for i in range(2, len(d), 3):
+    for i in range(2, m, 3):
         table[d[i] & frame.CMD_MASK] = (d[i + 1], d[i + 2])
     s.auth = table
     return d[0], table
 
 
-async def query_private_key_table(s):
-    """List of KeySlot(slot, present, mode, curve name or OID bytes or None)."""
-    d = await query(s, TAG_PRIVATE_KEY_TABLE)
-    if len(d) < 4:
-        raise LengthError(QUERY, detail=len(d))
+async def query_command_authorization(s):
+    """(change right, {cmd: (access condition, encryption flags)}); the driver protects
+    each command as this table says from then on."""
+    return await _query(s, TAG_COMMAND_AUTH, None, _p_auth)
+
+
+def _p_key_table(s, m, arg):
+    d = _data(s, m)
+    if m < 4:
+        raise LengthError(QUERY, detail=m)
     slots = []
     i = 4
     for _ in range(d[0]):
-        if i + 4 > len(d):
+        if i + 4 > m:
             raise LengthError(QUERY, detail=i)
         slot, present, mode = d[i], d[i + 1] != 0, (d[i + 2] << 8) | d[i + 3]
         i += 4
         curve = None
         if present:
             a, i = _take_lv(QUERY, d, i)
-            oid = bytes(d[a:i])
-            curve = oid
+            curve = bytes(d[a:i])
             for name in CURVES:
-                if CURVES[name][0] == oid:
+                if CURVES[name][0] == curve:
                     curve = name
         slots.append(KeySlot(slot, present, mode, curve))
     return slots
+
+
+async def query_private_key_table(s):
+    """List of KeySlot(slot, present, mode, curve name, or OID bytes if unknown)."""
+    return await _query(s, TAG_PRIVATE_KEY_TABLE, None, _p_key_table)
 
 
 def _b_put(buf, a):
@@ -335,7 +392,8 @@ def _b_put(buf, a):
 
 async def put_attribute(s, tag, data):
     _check_len(PUT_ATTRIBUTE, data, _MAX_DATA)
-    await s.run(PUT_ATTRIBUTE, WAIT_MS[PUT_ATTRIBUTE], 0, _b_put, (tag, data), no_mac=True)
+    await s.run(PUT_ATTRIBUTE, WAIT_MS[PUT_ATTRIBUTE], 0, _b_put, _p_none, (tag, data),
+                no_mac=True)  # fmt: skip
 
 
 # --- Data partition ---
@@ -352,19 +410,31 @@ def is_counter_zone(s, zone):
 
 
 def _b_read(buf, a):
-    struct.pack_into(">BBHH", buf, 1, 0x00, a[0], a[1], a[2])  # option 0: plain read
+    struct.pack_into(">BBHH", buf, 1, 0x00, a[2], a[3], a[4])  # option 0: plain read
     return 6
 
 
-async def read(s, zone, offset, length, counter=False):
-    """Read Zone: memoryview (aliases the frame buffer) of the chip's response data. For a
-    counter zone (counter=True) that is the 4-byte counter, then the data."""
+def _p_read(s, m, a):
+    """Copy the data (after the counter, if any) into a[0] at a[1]; return the counter."""
+    out, off, _, _, n, counter = a
     extra = _COUNTER_LEN if counter else 0
-    if length < 0 or length + extra > _MAX_DATA or not 0 <= offset <= 0xFFFF:
+    if out is not None:
+        out[off : off + n] = s.mv[frame.RSP_HDR_LEN + extra : frame.RSP_HDR_LEN + extra + n]
+    if counter:
+        return _p_u32(s, m, a)
+    return None
+
+
+async def read_into(s, zone, offset, out, off, n):
+    """One Read command: n bytes of zone at offset into out[off:off+n]. For a counter zone
+    (known from the data partition) the chip sends the counter first: it is returned."""
+    counter = is_counter_zone(s, zone)
+    extra = _COUNTER_LEN if counter else 0
+    if n < 0 or n + extra > _MAX_DATA or not 0 <= offset <= 0xFFFF:
         raise ParameterError(READ, detail="offset/length")
-    m = await s.run(READ, WAIT_MS[READ], length + extra, _b_read, (zone, offset, length),
-                    need_mac=zone_needs_mac(s, zone, False))  # fmt: skip
-    return _data(s, m)
+    return await s.run(READ, WAIT_MS[READ], n + extra, _b_read, _p_read,
+                       (out, off, zone, offset, n, counter),
+                       need_mac=zone_needs_mac(s, zone, False))  # fmt: skip
 
 
 def _b_update(buf, a):
@@ -374,13 +444,13 @@ def _b_update(buf, a):
     return 4 + len(data)
 
 
-async def update(s, zone, offset, data, atomic=False):
-    """Update Zone with data (one command: see the API for chunking)."""
+async def update_one(s, zone, offset, data, atomic=False):
+    """One Update command (the API splits larger writes)."""
     _check_len(UPDATE, data, _MAX_DATA - 4)
     if not 0 <= offset <= 0xFFFF:
         raise ParameterError(UPDATE, detail="offset")
     option = 0x80 if atomic else 0x00  # bit7 = atomic (spec §4)
-    await s.run(UPDATE, WAIT_MS[UPDATE], 0, _b_update, (option, zone, offset, data),
+    await s.run(UPDATE, WAIT_MS[UPDATE], 0, _b_update, _p_none, (option, zone, offset, data),
                 need_mac=zone_needs_mac(s, zone, True))  # fmt: skip
 
 
@@ -391,43 +461,50 @@ def _b_decrement(buf, a):
     return 8 + len(data)
 
 
-async def decrement(s, zone, amount, data, offset):
-    """Decrement a one-way counter zone (optionally writing data); returns the new value."""
+async def decrement(s, zone, amount=1, data=b"", offset=0):
+    """Decrement the one-way counter of zone by amount (optionally writing data at offset
+    in the same command); returns the new counter value."""
     _check_len(DECREMENT, data, _MAX_DATA - 8)
     if not 0 < amount <= 0xFFFFFFFF or not 0 <= offset <= 0xFFFF:
         raise ParameterError(DECREMENT, detail="amount/offset")
-    m = await s.run(DECREMENT, WAIT_MS[DECREMENT], _COUNTER_LEN, _b_decrement,
-                    (zone, offset, amount, data), need_mac=zone_needs_mac(s, zone, True))  # fmt: skip
-    return struct.unpack_from(">I", s.buf, frame.RSP_HDR_LEN)[0]
+    return await s.run(DECREMENT, WAIT_MS[DECREMENT], _COUNTER_LEN, _b_decrement, _p_u32,
+                       (zone, offset, amount, data), need_mac=zone_needs_mac(s, zone, True))  # fmt: skip
 
 
 # --- Keys ---
 
 
 def _b_genkey(buf, a):
-    slot, usage_limit, mode, oid = a
+    slot, usage_limit, mode, oid, _ = a
     struct.pack_into(">BBHH", buf, 1, TAG_PRIVATE_KEY_SLOT, slot, usage_limit, mode)
     return _put_lv(buf, 7, oid) - 1
 
 
-async def generate_key(s, slot, curve, usage_limit, mode):
-    """Generate Key in a private key slot: returns the public key 04||X||Y (new bytes)."""
-    c = CURVES.get(curve)
-    if c is None or not 0 <= usage_limit <= 0xFFFF or not 0 <= mode <= 0xFFFF:
-        raise ParameterError(GENERATE_KEY, detail="curve/usage limit/mode")
-    size = c[1]
-    m = await s.run(GENERATE_KEY, WAIT_MS[GENERATE_KEY], 1 + 2 * (2 + size), _b_genkey,
-                    (slot, usage_limit, mode, c[0]))  # fmt: skip
+def _p_point(s, m, a):
+    cmd, size = a[0], a[-1]
     d = _data(s, m)
     if d[0] != _POINT_UNCOMPRESSED:
-        raise LengthError(GENERATE_KEY, detail="point format")
-    xa, xe = _take_lv(GENERATE_KEY, d, 1, size)
-    ya, ye = _take_lv(GENERATE_KEY, d, xe, size)
+        raise LengthError(cmd, detail="point format")
+    xa, xe = _take_lv(cmd, d, 1, size)
+    ya, ye = _take_lv(cmd, d, xe, size)
     out = bytearray(1 + 2 * size)
     out[0] = _POINT_UNCOMPRESSED
     out[1 : 1 + size] = d[xa:xe]
     out[1 + size :] = d[ya:ye]
     return bytes(out)
+
+
+def _p_genkey(s, m, a):
+    return _p_point(s, m, (GENERATE_KEY, a[4]))
+
+
+async def generate_key_raw(s, slot, curve, usage_limit, mode):
+    """Generate Key in a private key slot: returns the public key 04||X||Y."""
+    c = CURVES.get(curve)
+    if c is None or not 0 <= usage_limit <= 0xFFFF or not 0 <= mode <= 0xFFFF:
+        raise ParameterError(GENERATE_KEY, detail="curve/usage limit/mode")
+    return await s.run(GENERATE_KEY, WAIT_MS[GENERATE_KEY], 1 + 2 * (2 + c[1]), _b_genkey,
+                       _p_genkey, (slot, usage_limit, mode, c[0], c[1]))  # fmt: skip
 
 
 def _b_sign(buf, a):
@@ -436,27 +513,32 @@ def _b_sign(buf, a):
     return _put_lv(buf, 2, digest) - 1
 
 
-async def generate_signature(s, slot, digest):
-    """ECDSA over a host digest (32 or 48 bytes): r||s (new bytes, fixed width)."""
-    n = len(digest)
-    if n not in (32, 48):
-        raise ParameterError(GENERATE_SIGNATURE, detail="digest is 32 or 48 bytes")
-    zero = True
-    for b in digest:
-        if b:
-            zero = False
-            break
-    if zero:
-        # [MW] WORKAROUND_GENERATE_SIGNATURE: the A1x0 hangs on an all-zero digest.
-        raise ParameterError(GENERATE_SIGNATURE, detail="all-zero digest")
-    m = await s.run(GENERATE_SIGNATURE, WAIT_MS[GENERATE_SIGNATURE], None, _b_sign, (slot, digest))
+def _p_sign(s, m, a):
     d = _data(s, m)
     ra, re = _take_lv(GENERATE_SIGNATURE, d, 0)
     sa, se = _take_lv(GENERATE_SIGNATURE, d, re)
     size = re - ra
     if se != m or se - sa != size or size not in (32, 48):
         raise LengthError(GENERATE_SIGNATURE, detail=m)
-    return bytes(d[ra:re]) + bytes(d[sa:se])
+    out = bytearray(2 * size)
+    out[:size] = d[ra:re]
+    out[size:] = d[sa:se]
+    return bytes(out)
+
+
+async def generate_signature(s, slot, digest):
+    """ECDSA signature r||s (64 bytes for P-256) of a 32- or 48-byte digest with the key in
+    slot. Refuses an all-zero digest (the chip hangs on it) with ParameterError."""
+    if len(digest) not in (32, 48):
+        raise ParameterError(GENERATE_SIGNATURE, detail="digest is 32 or 48 bytes")
+    for b in digest:
+        if b:
+            break
+    else:
+        # [MW] WORKAROUND_GENERATE_SIGNATURE: the A1x0 hangs on an all-zero digest.
+        raise ParameterError(GENERATE_SIGNATURE, detail="all-zero digest")
+    return await s.run(GENERATE_SIGNATURE, WAIT_MS[GENERATE_SIGNATURE], None, _b_sign, _p_sign,
+                       (slot, digest))  # fmt: skip
 
 
 def _b_verify(buf, a):
@@ -470,14 +552,18 @@ def _b_verify(buf, a):
     return _put_lv(buf, off, digest) - 1
 
 
-async def verify_signature(s, pub, sig, digest, curve=None):
-    """True if sig (r||s) is a valid ECDSA signature by pub (04||X||Y) over digest."""
-    oid, size = _check_point(VERIFY_SIGNATURE, pub, curve)
+def _p_valid(s, m, a):
+    return s.buf[frame.RSP_HDR_LEN] != 0  # [SL]: non-zero = valid
+
+
+async def verify_signature(s, pubkey, sig, digest, curve=None):
+    """True if the chip finds sig (r||s) valid for pubkey (04||X||Y) over digest. The curve
+    is P-256 or P-384 from the key's length unless named ("BP256", "BP384")."""
+    oid, size = _check_point(VERIFY_SIGNATURE, pubkey, curve)
     if len(sig) != 2 * size or len(digest) not in (32, 48):
         raise ParameterError(VERIFY_SIGNATURE, detail="signature/digest length")
-    m = await s.run(VERIFY_SIGNATURE, WAIT_MS[VERIFY_SIGNATURE], 1, _b_verify,
-                    (oid, size, pub, sig, digest))  # fmt: skip
-    return s.buf[frame.RSP_HDR_LEN] != 0  # [SL]: non-zero = valid
+    return await s.run(VERIFY_SIGNATURE, WAIT_MS[VERIFY_SIGNATURE], 1, _b_verify, _p_valid,
+                       (oid, size, pubkey, sig, digest))  # fmt: skip
 
 
 def _b_establish(buf, a):
@@ -486,11 +572,15 @@ def _b_establish(buf, a):
     return _put_point(buf, 2, pub, size) - 1
 
 
-async def establish_key(s, slot, pub):
-    """ECDH with the key in slot and the peer key pub (04||X||Y): the shared secret Z (the
-    x-coordinate, new bytes). The response is decrypted when the chip encrypts it."""
-    oid, size = _check_point(ESTABLISH_KEY, pub)
-    m = await s.run(ESTABLISH_KEY, WAIT_MS[ESTABLISH_KEY], 2 + size, _b_establish,
-                    (slot, pub, size))  # fmt: skip
-    a, e = _take_lv(ESTABLISH_KEY, _data(s, m), 0, size)
-    return bytes(s.mv[frame.RSP_HDR_LEN + a : frame.RSP_HDR_LEN + e])
+def _p_secret(s, m, a):
+    d = _data(s, m)
+    za, ze = _take_lv(ESTABLISH_KEY, d, 0, a[2])
+    return bytes(d[za:ze])
+
+
+async def establish_key(s, slot, peer_pubkey):
+    """ECDH between the key in slot and peer_pubkey (04||X||Y): the shared secret Z (the
+    x-coordinate, 32 bytes for P-256), decrypted when the chip encrypts the response."""
+    oid, size = _check_point(ESTABLISH_KEY, peer_pubkey)
+    return await s.run(ESTABLISH_KEY, WAIT_MS[ESTABLISH_KEY], 2 + size, _b_establish, _p_secret,
+                       (slot, peer_pubkey, size))  # fmt: skip

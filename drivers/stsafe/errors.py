@@ -8,6 +8,22 @@
 # host code), so a caller can log what failed without parsing text.
 
 
+__all__ = (
+    "SEError",
+    "SEStatusError",
+    "SEHostError",
+    "CryptoError",
+    "RMACError",
+    "CRCError",
+    "ParameterError",
+    "LengthError",
+    "NackTimeout",
+    "BusError",
+    "WrongDevice",
+    "status_error",
+)
+
+
 class SEError(Exception):
     """Base of every STSAFE error. args = (cmd, code, detail)."""
 
@@ -63,171 +79,62 @@ class WrongDevice(SEHostError):
     code = 0x30  # not an STSAFE-A110 (detail = mask id) or a terminated chip
 
 
-# Chip statuses (spec §3), one class each.
-class CommunicationError(SEStatusError):
-    code = 0x01
-
-
-class InconsistentCommandData(SEStatusError):
-    code = 0x02
-
-
-class ValueOutOfRange(SEStatusError):
-    code = 0x03
-
-
-class UnsupportedCommandCode(SEStatusError):
-    code = 0x04
-
-
-class UnexpectedError(SEStatusError):
-    code = 0x05
-
-
-class BufferLengthExceeded(SEStatusError):
-    code = 0x06
-
-
-class WrongSession(SEStatusError):
-    code = 0x07
-
-
-class TooManyMessageLost(SEStatusError):
-    code = 0x08
-
-
-class CmacCounterLimitReached(SEStatusError):
-    code = 0x09
-
-
-class KeyNotFound(SEStatusError):
-    code = 0x0A
-
-
-class KeyBlocked(SEStatusError):
-    code = 0x0B
-
-
-class WrongKeyType(SEStatusError):
-    code = 0x0C
-
-
-class CounterOutOfRange(SEStatusError):
-    code = 0x0D
-
-
-class DepthOutOfRange(SEStatusError):
-    code = 0x0E
-
-
-class InvalidLifeCycleState(SEStatusError):
-    code = 0x0F
-
-
-class EntryNotFound(SEStatusError):
-    code = 0x10
-
-
-class UnsatisfiedAccessCondition(SEStatusError):
-    code = 0x11
-
-
-class IncorrectZoneType(SEStatusError):
-    code = 0x12
-
-
-class CounterLimitExceeded(SEStatusError):
-    code = 0x13
-
-
-class BoundaryExceeded(SEStatusError):
-    code = 0x14
-
-
-class InvalidPrivateKey(SEStatusError):
-    code = 0x15
-
-
-class InvalidCMAC(SEStatusError):
-    code = 0x16
-
-
-class ChallengeMissing(SEStatusError):
-    code = 0x17
-
-
-class CommandDecryptionError(SEStatusError):
-    code = 0x18
-
-
-class InvalidPublicKey(SEStatusError):
-    code = 0x19
-
-
-class PasswordBlocked(SEStatusError):
-    code = 0x1A
-
-
-class WrongKeyUsage(SEStatusError):
-    code = 0x1B
-
-
-class WrongModeOfOperation(SEStatusError):
-    code = 0x1C
-
-
-class WrongMACLength(SEStatusError):
-    code = 0x1D
-
-
-class UnauthorizedCommand(SEStatusError):
-    code = 0x1E
-
-
-class OldMessage(SEStatusError):
-    code = 0x1F
-
-
-# Index = status code; 0x00 (OK) never raises.
-_BY_STATUS = (
+# Chip statuses (spec §3): one class per code, named after ST's status names. The classes
+# are made on first use (status_error, or `errors.KeyNotFound` through the module
+# __getattr__), so the 31 of them cost no RAM until a chip error or an `except` needs one.
+STATUS_NAMES = (
     None,
-    CommunicationError,
-    InconsistentCommandData,
-    ValueOutOfRange,
-    UnsupportedCommandCode,
-    UnexpectedError,
-    BufferLengthExceeded,
-    WrongSession,
-    TooManyMessageLost,
-    CmacCounterLimitReached,
-    KeyNotFound,
-    KeyBlocked,
-    WrongKeyType,
-    CounterOutOfRange,
-    DepthOutOfRange,
-    InvalidLifeCycleState,
-    EntryNotFound,
-    UnsatisfiedAccessCondition,
-    IncorrectZoneType,
-    CounterLimitExceeded,
-    BoundaryExceeded,
-    InvalidPrivateKey,
-    InvalidCMAC,
-    ChallengeMissing,
-    CommandDecryptionError,
-    InvalidPublicKey,
-    PasswordBlocked,
-    WrongKeyUsage,
-    WrongModeOfOperation,
-    WrongMACLength,
-    UnauthorizedCommand,
-    OldMessage,
+    "CommunicationError",  # 0x01: command CRC wrong (corrupted on the bus)
+    "InconsistentCommandData",
+    "ValueOutOfRange",
+    "UnsupportedCommandCode",
+    "UnexpectedError",
+    "BufferLengthExceeded",
+    "WrongSession",
+    "TooManyMessageLost",
+    "CmacCounterLimitReached",
+    "KeyNotFound",  # 0x0A
+    "KeyBlocked",
+    "WrongKeyType",
+    "CounterOutOfRange",
+    "DepthOutOfRange",
+    "InvalidLifeCycleState",
+    "EntryNotFound",  # 0x10
+    "UnsatisfiedAccessCondition",
+    "IncorrectZoneType",
+    "CounterLimitExceeded",
+    "BoundaryExceeded",
+    "InvalidPrivateKey",
+    "InvalidCMAC",  # 0x16
+    "ChallengeMissing",
+    "CommandDecryptionError",
+    "InvalidPublicKey",
+    "PasswordBlocked",
+    "WrongKeyUsage",
+    "WrongModeOfOperation",
+    "WrongMACLength",
+    "UnauthorizedCommand",
+    "OldMessage",  # 0x1F
 )
+_classes = {}
+
+
+def status_class(code):
+    """The SEStatusError subclass for chip status `code` (1..0x1F), made once."""
+    cls = _classes.get(code)
+    if cls is None:
+        cls = _classes[code] = type(STATUS_NAMES[code], (SEStatusError,), {"code": code})
+    return cls
 
 
 def status_error(cmd, status):
     """The exception for chip status `status` (low 5 bits) answered to command `cmd`."""
-    status &= 0x1F
-    if status == 0:
-        raise ValueError("status 0 is not an error")
-    return _BY_STATUS[status](cmd)
+    return status_class(status & 0x1F)(cmd)
+
+
+def __getattr__(name):
+    try:
+        code = STATUS_NAMES.index(name)
+    except ValueError:
+        raise AttributeError(name) from None
+    return status_class(code)

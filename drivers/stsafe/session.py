@@ -12,13 +12,12 @@ from micropython import const
 
 from . import frame
 from .errors import (
-    CommunicationError,
     CRCError,
     CryptoError,
-    InvalidCMAC,
     LengthError,
     ParameterError,
     RMACError,
+    status_class,
     status_error,
 )
 
@@ -47,6 +46,8 @@ _REREADS = const(2)
 # staff on the ST forum): one re-send. Status 0x16 with a counter that moved behind our back
 # (a lost response): one re-send after re-querying N. Nothing else is re-sent.
 _RESENDS = const(1)
+CommunicationError = status_class(0x01)  # these two are always made: run() catches them
+InvalidCMAC = status_class(0x16)
 
 
 def _dbl(b):
@@ -235,17 +236,17 @@ class HostKeys:
 
 
 class Session:
-    """One command/response exchange at a time over one preallocated frame buffer.
+    """Command/response exchanges, one at a time, over one preallocated frame buffer.
 
     Holds the host keys, the host C-MAC counter N (None = unknown: re-queried before the next
-    MAC'd command), the chip's command authorization table (Query 0x24) and zone access
-    conditions (Query 0x12). `run()` results alias `buf`: data is buf[3:3+m] until the next
-    command. Callers serialise use (the STSAFE class holds an asyncio.Lock).
+    MAC'd command), the chip's command authorization table (Query 0x24) and the zones' access
+    conditions (Query 0x12). The STSAFE API class derives from it.
     """
 
     def __init__(self, transport, keys, busy_timeout_ms, mac_all):
         self.buf = bytearray(frame.MAX_FRAME + 16)  # + room for the CBC padding block
         self.mv = memoryview(self.buf)
+        self.lock = asyncio.Lock()  # one command/response pair at a time
         self.t = transport
         self.keys = keys
         self.n = None
@@ -253,7 +254,7 @@ class Session:
         self.zones = {}  # index -> (type, read_ac, update_ac, size)
         self.busy_timeout_ms = busy_timeout_ms
         self.mac_all = mac_all
-        self.sync = None  # async fn(session): Query host key slot, sets self.n (commands.py)
+        self.sync = None  # async fn(session): Query host key slot under the held lock
         self.resyncs = 0  # counter resynchronisations after a lost step (diagnostics)
 
     def protection(self, cmd, need_mac, no_mac):
@@ -266,13 +267,19 @@ class Session:
             mac = True
         return mac, enc
 
-    async def run(self, cmd, wait_ms, expect, build, arg, need_mac=False, no_mac=False):
-        """Build (build(buf, arg) -> payload length), send, receive, check: the response data
-        length m; the data is buf[3:3+m] (aliases the frame buffer).
+    async def run(self, cmd, wait_ms, expect, build, parse, arg, need_mac=False, no_mac=False):
+        """One command under the lock: build(buf, arg) -> payload length; send; receive;
+        check; return parse(self, m, arg), m being the response data length, the data
+        buf[3:3+m] (parse runs under the lock: nothing aliasing the buffer escapes).
 
         expect: exact plaintext data length, or None if variable. One deadline per exchange:
         wait_ms + busy_timeout_ms from the write.
         """
+        async with self.lock:
+            return await self.run_locked(cmd, wait_ms, expect, build, parse, arg, need_mac, no_mac)
+
+    async def run_locked(self, cmd, wait_ms, expect, build, parse, arg, need_mac=False,
+                         no_mac=False):  # fmt: skip
         resends = 0
         while True:
             mac, enc = self.protection(cmd, need_mac, no_mac)
@@ -283,7 +290,8 @@ class Session:
             used = self.n
             p = build(self.buf, arg)
             try:
-                return await self._exchange(cmd, p, wait_ms, expect, mac, enc)
+                m = await self._exchange(cmd, p, wait_ms, expect, mac, enc)
+                return parse(self, m, arg)
             except CommunicationError:
                 if resends >= _RESENDS:
                     raise

@@ -109,8 +109,9 @@ class StsafeEmulator:
         self._stuck = False  # the hang of an all-zero digest, or an injected stuck_busy
         self._ephemeral = None  # slot 0xFF: (private key, curve, mode), volatile
         self._faults = []
-        self.commands = []  # (cmd, status) of every command executed, for tests
+        self.commands = []  # (cmd, status, C-MAC'd) of every command executed, for tests
         self.nacks = 0
+        self.process_s = 0.0  # time spent computing responses (benches subtract it)
 
     # --- state ---
 
@@ -235,6 +236,7 @@ class StsafeEmulator:
             forced = self._take("status", cmd)
             if forced:
                 rsp, wait = P.response_frame(forced["code"]), P.WAIT_MS.get(cmd, 0)
+                self.commands.append((cmd, forced["code"], bool(frame[0] & P.HDR_CMAC)))
             else:
                 rsp, wait = self.process(frame)
             slow = self._take("slow", cmd)
@@ -273,12 +275,14 @@ class StsafeEmulator:
     def process(self, frame):
         """Execute one command frame: (response frame, processing time in ms)."""
         with self._lock:
+            t0 = time.perf_counter()
             cmd = frame[0] & 0x1F if frame else 0
             wait = P.WAIT_MS.get(cmd, 0)
             if len(frame) < 3 or P.crc_bytes(frame[:-2]) != frame[-2:]:
                 return P.response_frame(P.ST["COMMUNICATION_ERROR"]), wait
             status, data = self._execute(frame[:-2])
-            self.commands.append((cmd, status & 0x1F))
+            self.commands.append((cmd, status & 0x1F, bool(frame[0] & P.HDR_CMAC)))
+            self.process_s += time.perf_counter() - t0
             if self._stuck:  # hung on an all-zero digest: no response, ever
                 return None, wait
             return P.response_frame(status, *data), wait

@@ -1,0 +1,183 @@
+"""The MicroPython STSAFE-A110 driver (drivers/stsafe, run by the unix port, compiled by
+mpy-cross as on the board) against the emulator behind the I2C bridge.
+
+Results are checked against the spec and against `cryptography` (ECDH, ECDSA, X.509), never
+against the driver itself. The scenarios are in tests/upy/stsafe_scenarios.py.
+"""
+
+import json
+import shutil
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+from serene import upy as upy_mod
+from serene.i2c_bridge import I2CBridgeServer
+from serene.stsafe import profile
+from serene.stsafe.emulator import FaultPort, StsafeEmulator
+from serene.stsafe.provision import provision
+
+SCRIPT = str(upy_mod.REPO / "tests" / "upy" / "stsafe_scenarios.py")
+DEVICE = "SRN-0001"
+POINT = (serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    h = tmp_path_factory.mktemp("prov")
+    provision(h, [DEVICE])
+    return h
+
+
+@pytest.fixture
+def chip(home, tmp_path):
+    """A fresh copy of the provisioned chip, and the module's host keys."""
+    shutil.copy(home / "devices" / DEVICE / "stsafe.json", tmp_path / "stsafe.json")
+    cfg = json.loads((home / "devices" / DEVICE / "module.json").read_text())
+    emu = StsafeEmulator.load(tmp_path / "stsafe.json", time_scale=0)
+    return emu, cfg
+
+
+def run(upy, emu, cfg, scenario, *args, keys=True, mpy=True, timeout=60):
+    mac, cipher = (cfg["host_mac_key"], cfg["host_cipher_key"]) if keys else ("-", "-")
+    with I2CBridgeServer({0x20: emu, FaultPort.ADDR: FaultPort(emu)}) as bridge:
+        res = upy.run(
+            [SCRIPT, str(bridge.port), mac, cipher, scenario, *map(str, args)],
+            heap="128K",  # the scenario script is compiled from source in the same heap
+            mpy=mpy,
+            timeout=timeout,
+        )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def verify(pub65, sig, digest):
+    pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), pub65)
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+    pub.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))  # raises if invalid
+
+
+def test_every_command_round_trips_with_cmac_rmac(upy, chip, home):
+    emu, cfg = chip
+    peer = ec.generate_private_key(ec.SECP256R1())
+    peer_pub = peer.public_key().public_bytes(*POINT)
+    digest = bytes(range(1, 33))
+    device_cert = x509.load_pem_x509_certificate((home / "devices" / DEVICE / "device.crt.pem").read_bytes())
+    pub0 = device_cert.public_key().public_bytes(*POINT)
+    r = run(upy, emu, cfg, "roundtrip", peer_pub.hex(), digest.hex(), pub0.hex())
+
+    assert r["mask"] == profile.MASK_ID.hex()
+    assert r["echo"] == "serene"
+    assert len(bytes.fromhex(r["random"])) == 300 and len(set(bytes.fromhex(r["random"]))) > 100
+    assert r["life_cycle"] == profile.LIFE_CYCLE_OPERATIONAL
+    assert r["host_key_slot"][0] is True
+    # Data partition as the emulated profile defines it, with provisioning's locks.
+    zones = {z[0]: z for z in r["zones"]}
+    assert sorted(zones) == [z[0] for z in profile.ZONES]
+    assert zones[profile.CERT_ZONE][4] == profile.AC_NEVER_LOCKED  # update AC: never
+    assert zones[profile.SERVER_KEY_ZONE][4] == 1  # update AC: host
+    assert zones[profile.EPOCH_COUNTER_ZONE][1] == 1  # one-way counter
+    assert r["auth"] == sorted(list(row) for row in profile.COMMAND_AUTH)
+    assert r["keys"][0] == [0, True, profile.FACTORY_KEY_MODE, "P-256"]
+    # Zones read back what was written (300 bytes: two chunks; 150 atomic: three chunks).
+    data = bytes(i & 0xFF for i in range(300))
+    assert bytes.fromhex(r["read"]) == data
+    assert bytes.fromhex(r["read_atomic"]) == data[:150]
+    # One-way counter: only goes down; the data written with Decrement is there.
+    assert r["dec"] == [999_999, 999_996] and r["counter"] == 999_996
+    assert bytes.fromhex(r["counter_data"])[2:7] == b"epoch"
+    # ECDH: the chip's shared secret equals the one computed on the host from the public keys.
+    eph = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes.fromhex(r["eph"]))
+    assert bytes.fromhex(r["z"]) == peer.exchange(ec.ECDH(), eph)
+    assert r["eph_reuse"] == "KeyNotFound"  # slot 0xFF is single use
+    # The signature verifies against the certificate read from zone 0, signed by the CA.
+    cert = x509.load_der_x509_certificate(bytes.fromhex(r["cert"]))
+    assert cert == device_cert
+    ca = x509.load_pem_x509_certificate((home / "ca" / "ca.crt.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == DEVICE
+    verify(cert.public_key().public_bytes(*POINT), bytes.fromhex(r["sig"]), digest)
+    assert r["verify_ok"] is True
+    assert r["verify_bad"] is False and r["verify_other_digest"] is False
+    assert r["locked_cert_zone"] == "UnsatisfiedAccessCondition"
+    assert r["repair"] == "UnsatisfiedAccessCondition"
+    assert r["zero_digest"] == "ParameterError"
+    assert r["after_hibernate"] == "awake"
+    # Every command but Query/Put Attribute/Reset/Hibernate went with a C-MAC, and the
+    # driver's counter N is the chip's.
+    mac_policy_free = {0x14, 0x10, 0x01, 0x0D}
+    for cmd, status, maced in emu.commands:
+        assert maced == (cmd not in mac_policy_free), (cmd, status, maced)
+    assert {c for c, _, _ in emu.commands} >= {0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x0D, 0x10,
+                                               0x11, 0x14, 0x16, 0x17, 0x18}  # fmt: skip
+    assert r["n_driver"] == r["n_chip"] == emu.host_counter
+    # No all-zero digest reached the chip (it would have hung).
+    assert not emu._stuck
+
+
+def test_one_way_counter_reports_exhaustion(upy, chip):
+    emu, cfg = chip
+    emu.zone(6)["counter"] = 3
+    r = run(upy, emu, cfg, "counter_exhaust", 6)
+    assert r["values"] == [3, 2, 1, 0]
+    assert r["error"] == "CounterLimitExceeded"
+    assert r["after"] == 0 and emu.zone(6)["counter"] == 0
+    assert r["zero_amount"] == "ParameterError"
+    assert r["n_driver"] == r["n_chip"]
+
+
+def test_faults_nack_bound_crc_rmac_lost_step(upy, chip):
+    emu, cfg = chip
+    bound = 300
+    r = run(upy, emu, cfg, "faults", bound)
+    assert r["stuck"] == "NackTimeout"
+    assert bound <= r["stuck_ms"] <= bound + 100, r["stuck_ms"]  # Echo's wait is 0 ms
+    assert r["after_stuck"] == "ok1" and r["storm"] == "ok2"
+    assert r["crc_once"] == "ok3"
+    assert r["crc_many"] == "CRCError" and r["after_crc"] == "ok4"
+    assert r["rmac"] == "RMACError" and r["after_rmac"] == "ok5"
+    assert r["dropped"] == "NackTimeout" and r["after_drop"] == "ok6"
+    assert r["after_step"] == "ok7" and r["resyncs"] == 1
+    assert r["status5"] == "UnexpectedError"
+    assert r["status1"] == "ok8"
+    assert r["n_driver"] == r["n_chip"] == emu.host_counter
+    # The CRC-corrupted echo was read again, never executed twice; status 0x05 was not
+    # retried, status 0x01 was re-sent once.
+    echoes = [s for c, s, m in emu.commands if c == 0x00]
+    assert echoes.count(0x16) == 1  # the stepped counter, then the re-send
+    assert echoes.count(0x05) == 1  # UNEXPECTED_ERROR: raised, not retried
+    i = echoes.index(0x01)
+    assert echoes[i + 1] == 0x00  # COMMUNICATION_ERROR: re-sent once, then answered
+    assert all(m for c, s, m in emu.commands if c == 0x00)  # every echo went with a C-MAC
+
+
+def test_other_tasks_run_while_the_chip_is_busy(upy, chip):
+    emu, cfg = chip
+    emu.time_scale = 1.0  # the datasheet's processing times
+    peer = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(*POINT)
+    r = run(upy, emu, cfg, "ticker", peer.hex(), bytes(range(1, 33)).hex())
+    busy_ms = 160 + 260 + 80  # Generate Key + Establish Key + Generate Signature waits
+    assert r["elapsed_ms"] >= busy_ms
+    assert r["ticks"] >= busy_ms // 4, r  # a 1 ms ticker kept running
+    assert r["max_gap_ms"] < 30, r
+
+
+def test_init_refuses_another_chip(upy, chip):
+    emu, cfg = chip
+    pd = bytearray.fromhex(emu.state["product_data"])
+    pd[3:5] = b"\x60\x01"  # an A120 mask id
+    emu.state["product_data"] = pd.hex()
+    assert run(upy, emu, cfg, "init_only")["error"] == "WrongDevice"
+    emu.state["product_data"] = profile.product_data(bytes(9)).hex()
+    emu.set_life_cycle(0x04)  # terminated
+    assert run(upy, emu, cfg, "init_only")["error"] == "WrongDevice"
+
+
+def test_without_host_keys_authenticated_commands_are_refused_locally(upy, chip):
+    emu, cfg = chip
+    r = run(upy, emu, cfg, "no_keys", keys=False, mpy=False)
+    assert r["generate_key"] == "CryptoError"
+    assert r["echo"] == "plain" and r["sig_len"] == 64
+    assert 0x11 not in [c for c, _, _ in emu.commands]
