@@ -25,6 +25,8 @@
 import time
 from micropython import const
 
+from drivers.radio.base import DutyBudget
+
 try:
     from random import getrandbits
 except ImportError:  # a port without random: jitter from os.urandom
@@ -60,6 +62,20 @@ class LinkError(Exception):
         self.detail = detail
 
 
+class Cum2Acks:
+    """Adapts an opener whose open() returns (epoch, cum, bitmap) with bit i meaning seq
+    cum + 2 + i (firmware/ack.py Acks: cum + 1 is missing by definition) to the link's
+    contract (epoch, cum, bitmap, nbits) with bit i meaning seq cum + 1 + i."""
+
+    def __init__(self, acks, nbits=64):
+        self.acks = acks
+        self.nbits = nbits
+
+    def open(self, payload):
+        epoch, cum, bitmap = self.acks.open(payload)
+        return epoch, cum, bitmap << 1, self.nbits + 1
+
+
 def varint_len(v):
     n = 1
     while v >= 0x80:
@@ -79,7 +95,7 @@ def put_varint(buf, i, v):
 
 class Link:
     """Link(outbox, radios, ack_opener, window=32, rto_ms=2000, rto_max_ms=60000,
-    poll_ms=250, clock=time.ticks_ms)
+    poll_ms=250, send_timeout_ms=10000, clock=time.ticks_ms)
 
     radios: one radio or a list in order of preference (the first that is_up() is used).
     The synchronous core (pick_radio, build_frame, on_downlink, wakeup_ms) does all the
@@ -95,6 +111,7 @@ class Link:
         rto_ms=_RTO_MS,
         rto_max_ms=_RTO_MAX_MS,
         poll_ms=_POLL_MS,
+        send_timeout_ms=_SEND_TIMEOUT_MS,
         clock=time.ticks_ms,
     ):
         if not isinstance(radios, (list, tuple)):
@@ -108,6 +125,7 @@ class Link:
         self.rto_ms = rto_ms
         self.rto_max_ms = rto_max_ms
         self.poll_ms = poll_ms
+        self.send_timeout_ms = send_timeout_ms
         self.clock = clock
         self._frame = bytearray(max(256, max(r.mtu for r in radios)))
         # In-flight objects, one slot each (preallocated lists, no per-object allocation).
@@ -122,6 +140,8 @@ class Link:
         self._cont_off = 0
         self._next_pos = 0  # outbox position of the next object never sent since start
         self._radio = None
+        self._nobudget = DutyBudget(0, clock)
+        self.last_error = None  # the last radio error, for the supervisor's health record
         self.stats = {
             "frames": 0,
             "bytes": 0,
@@ -132,6 +152,7 @@ class Link:
             "acks_rejected": 0,
             "downlink_dropped": 0,
             "send_errors": 0,
+            "recv_errors": 0,
             "lost_in_outbox": 0,
             "failovers": 0,
         }
@@ -150,6 +171,13 @@ class Link:
                     self._cont = -1
                 return r
         return None
+
+    def _budget(self, radio):
+        # A radio without a regulatory limit may have no budget of its own.
+        b = getattr(radio, "budget", None)
+        if b is None:
+            b = self._nobudget
+        return b
 
     # ---------------------------------------------------------------- in-flight table
 
@@ -205,7 +233,7 @@ class Link:
     def wakeup_ms(self, radio, now):
         """Milliseconds until build_frame may have something to send on `radio` (0 = now),
         at most poll_ms (new objects may be appended meanwhile)."""
-        w = radio.budget.wait_ms(now)
+        w = self._budget(radio).wait_ms(now)
         if w > 0:
             return min(w, self.poll_ms)
         if self._cont >= 0:
@@ -226,7 +254,8 @@ class Link:
         Marks what it carries as sent (ack deadlines start now) and charges the radio's duty
         budget: call it only when the frame will be sent. The result aliases the link's frame
         buffer (valid until the next call)."""
-        if radio.budget.wait_ms(now) > 0:
+        budget = self._budget(radio)
+        if budget.wait_ms(now) > 0:
             return None
         self._drop_acked()
         mtu = min(radio.mtu, len(self._frame))
@@ -289,7 +318,7 @@ class Link:
             return None
         self.stats["frames"] += 1
         self.stats["bytes"] += n
-        radio.budget.charge(radio.time_on_air_ms(n), now)
+        budget.charge(radio.time_on_air_ms(n), now)
         return memoryview(buf)[:n]
 
     def _fits(self, e, n, mtu, off):
@@ -390,20 +419,32 @@ class Link:
             frame = self.build_frame(radio, now)
             if frame is not None:
                 try:
-                    await asyncio.wait_for_ms(radio.send(bytes(frame)), _SEND_TIMEOUT_MS)
-                except (OSError, asyncio.TimeoutError) as e:
-                    # The objects keep their ack deadlines: they go again after the backoff.
+                    await asyncio.wait_for_ms(radio.send(bytes(frame)), self.send_timeout_ms)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a radio is a device boundary
+                    # Radio drivers raise their own errors (RadioError, RadioDown, OSError,
+                    # TimeoutError): none may stop delivery. The objects keep their ack
+                    # deadlines and go again after the backoff, from the outbox.
+                    if isinstance(e, MemoryError):
+                        raise
                     self.stats["send_errors"] += 1
+                    self.last_error = e
                     if _DEBUG:
-                        print("link: send failed", radio.name, repr(e))
+                        print("link: send failed", repr(e))
             wait = self.wakeup_ms(radio, self.clock())
             try:
                 payload = await radio.recv(wait)
-            except OSError as e:
-                self.stats["send_errors"] += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - as for send
+                if isinstance(e, MemoryError):
+                    raise
+                self.stats["recv_errors"] += 1
+                self.last_error = e
                 if _DEBUG:
-                    print("link: recv failed", radio.name, repr(e))
-                await asyncio.sleep_ms(min(wait, self.poll_ms))
+                    print("link: recv failed", repr(e))
+                await asyncio.sleep_ms(max(1, min(wait, self.poll_ms)))
                 continue
             if payload is not None:
                 self.on_downlink(payload)

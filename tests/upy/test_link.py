@@ -5,7 +5,7 @@
 # written from the format document, not from the firmware.
 import os
 
-from firmware.link import Link, LinkError
+from firmware.link import Cum2Acks, Link, LinkError
 from firmware.outbox import Outbox
 from link_sim import (
     AsyncRadio,
@@ -135,7 +135,9 @@ def deliver(mtu, seed, loss, dup, spread, limit_ms=600000):
         radio = SimRadio("r", mtu, sim, base_ms=5)
         server = FakeServer(mtu)
         link = Link(ob, radio, FakeOpener(), window=16, rto_ms=300, rto_max_ms=5000)
-        ok = sim.run(link, server, limit_ms, lambda: link.in_flight() == 0 and ob.next_entry(0) is None)
+        ok = sim.run(
+            link, server, limit_ms, lambda: link.in_flight() == 0 and ob.next_entry(0) is None
+        )
         if not ok:
             raise AssertionError("not done: %d of %d" % (len(server.delivered), len(want)))
         check_delivered(server, want, ob)
@@ -179,7 +181,9 @@ def test_outage_and_failover_keep_identity():
         lora = SimRadio("lora", 51, sim, duty_cycle=0.01, base_ms=40, per_byte_us=1600)
         server = FakeServer(242)
         link = Link(ob, [lte, lora], FakeOpener(), window=16, rto_ms=500, rto_max_ms=8000)
-        ok = sim.run(link, server, 900000, lambda: ob.next_entry(0) is None and link.in_flight() == 0)
+        ok = sim.run(
+            link, server, 900000, lambda: ob.next_entry(0) is None and link.in_flight() == 0
+        )
         if not ok:
             raise AssertionError((len(server.delivered), link.stats))
         check_delivered(server, want, ob)
@@ -212,7 +216,8 @@ def test_duty_cycle_one_percent_respected():
         for k in range(1, len(tx)):
             toa = lora.time_on_air_ms(len(tx[k - 1][1]))
             if tx[k][0] - tx[k - 1][0] < toa * 100:
-                raise AssertionError("frame %d after %d ms, ToA %d" % (k, tx[k][0] - tx[k - 1][0], toa))
+                gap = tx[k][0] - tx[k - 1][0]
+                raise AssertionError("frame %d after %d ms, ToA %d" % (k, gap, toa))
         air = sum(lora.time_on_air_ms(len(f)) for _, f in tx)
         span = tx[-1][0] - tx[0][0] + lora.time_on_air_ms(len(tx[-1][1]))
         if air * 100 > span + air * 100 // len(tx):  # 1 %, up to the last frame's off-time
@@ -373,5 +378,88 @@ async def test_run_loop_delivers_over_asyncio():
         check_delivered(server, want, ob)
         if link.stats["retransmissions"] == 0:
             raise AssertionError(link.stats)
+    finally:
+        rmtree(d)
+
+
+def test_cum2_adapter_maps_bit_i_to_cum_plus_2_plus_i():
+    class ThreeTuple:
+        def __init__(self, result):
+            self.result = result
+
+        def open(self, payload):
+            if payload != b"ok":
+                raise ValueError("forged")
+            return self.result
+
+    d = tmpdir("ln")
+    try:
+        ob, want, _ = make_outbox(d + "/ob", ((6, 12),))
+        # cum 2; bits 0 and 3 -> seqs 4 and 7 (seq 3 = cum + 1 missing by definition)
+        link = Link(ob, SimRadio("r", 242, Sim()), Cum2Acks(ThreeTuple((6, 2, 0b1001))))
+        if link.on_downlink(b"no") or not link.on_downlink(b"ok"):
+            raise AssertionError(link.stats)
+        got = [e.seq for e in ob.pending()]
+        if got != [3, 5, 6, 8, 9, 10, 11]:
+            raise AssertionError(got)
+    finally:
+        rmtree(d)
+
+
+async def test_run_loop_survives_foreign_radio_errors_without_budget():
+    import asyncio
+
+    class Boom(Exception):  # a driver's own error type, not an OSError
+        pass
+
+    class Flaky:  # a radio that is not a drivers.radio.base.Radio: no `budget`
+        name = "flaky"
+        mtu = 51
+
+        def __init__(self, server):
+            self.server = server
+            self.calls = 0
+            self.inbox = []
+
+        def is_up(self):
+            return True
+
+        def time_on_air_ms(self, n):
+            return 0
+
+        async def send(self, frame):
+            self.calls += 1
+            if self.calls % 3 == 0:
+                raise Boom("send", self.calls)
+            if self.calls % 7 == 0:
+                await asyncio.sleep_ms(20000)  # hangs: the link's send deadline must fire
+            self.inbox.append(self.server.receive(frame))
+
+        async def recv(self, timeout_ms):
+            if self.calls % 5 == 0:
+                raise Boom("recv")
+            await asyncio.sleep_ms(min(timeout_ms, 2))
+            return self.inbox.pop(0) if self.inbox else None
+
+    d = tmpdir("ln")
+    try:
+        ob, want, _ = make_outbox(d + "/ob", ((9, 15),))
+        server = FakeServer(51)
+        radio = Flaky(server)
+        link = Link(
+            ob, radio, FakeOpener(), window=8, rto_ms=30, rto_max_ms=200, poll_ms=10,
+            send_timeout_ms=50,
+        )
+        task = asyncio.create_task(link.run())
+        for _ in range(1000):
+            if ob.next_entry(0) is None and link.in_flight() == 0:
+                break
+            await asyncio.sleep_ms(10)
+        task.cancel()
+        check_delivered(server, want, ob)
+        if link.stats["send_errors"] < 2 or link.stats["recv_errors"] < 1:
+            raise AssertionError(link.stats)
+        if not isinstance(link.last_error, Exception):
+            raise AssertionError(link.last_error)
     finally:
         rmtree(d)

@@ -412,3 +412,33 @@ def test_bad_arguments_are_named_errors():
             raise AssertionError(ob.info())
     finally:
         rmtree(d)
+
+
+def test_is_acked_after_reclaim_and_old_epochs():
+    d = tmpdir("ob")
+    try:
+        ob, _ = new(d + "/ob", segment_bytes=512, max_data=400)
+        fill(ob, 1, range(10))
+        fill(ob, 2, range(30))
+        ob.mark_acked(1, 9)
+        ob.mark_acked(2, 20)
+        ob.commit()
+        # epoch 1 left the log entirely (its ack state pruned): still acknowledged
+        for s in range(10):
+            if not ob.is_acked(1, s):
+                raise AssertionError((1, s))
+        if ob.is_acked(2, 21) or not ob.is_acked(2, 20):
+            raise AssertionError("epoch 2")
+        # an ack for an epoch that has left the log changes nothing
+        if ob.mark_acked(1, 50):
+            raise AssertionError("ack of a gone epoch applied")
+        ob.mark_acked(2, 29)
+        ob.commit()
+        if ob.info()["segments"] != 0 or not ob.is_acked(2, 29) or ob.is_acked(2, 30):
+            raise AssertionError(ob.info())
+        ob.close()
+        ob, rep = new(d + "/ob", segment_bytes=512, max_data=400)
+        if rep["entries"] or ob.next_entry(0) is not None:
+            raise AssertionError(rep)
+    finally:
+        rmtree(d)

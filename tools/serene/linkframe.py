@@ -4,7 +4,8 @@ Written from the format document, independently of firmware/link.py; the two mee
 (tests/test_link.py checks firmware-built frames byte for byte).
 
     frame   = hdr:u8 (version << 4 | flags) epoch:uvarint entry+
-    entry   = kf:u8 (FRAG 0x80 | kind 0..127) seq:uvarint [total:uvarint offset:uvarint] len:uvarint data
+    entry   = kf:u8 (FRAG 0x80 | kind 0..127) seq:uvarint
+              [total:uvarint offset:uvarint] len:uvarint data
     uvarint = unsigned LEB128, minimal encoding, at most 5 bytes, value < 2**32
 
 Everything from the radio is untrusted: every violation raises LinkFrameError naming the field.
@@ -24,7 +25,8 @@ class LinkFrameError(ValueError):
     """A frame that is not a valid version-1 uplink frame. `field`: where it went wrong."""
 
     def __init__(self, field, msg, offset=None):
-        super().__init__("%s: %s%s" % (field, msg, "" if offset is None else " at byte %d" % offset))
+        where = "" if offset is None else " at byte %d" % offset
+        super().__init__("%s: %s%s" % (field, msg, where))
         self.field = field
         self.offset = offset
 
@@ -172,7 +174,8 @@ class Reassembler:
         if p is None:
             if len(self.partial) >= self.max_partial:
                 raise LinkFrameError("total", "too many partial objects")
-            p = self.partial[key] = _Partial(e.kind, e.total, bytearray(e.total), bytearray(e.total))
+            p = _Partial(e.kind, e.total, bytearray(e.total), bytearray(e.total))
+            self.partial[key] = p
         if p.total != e.total or p.kind != e.kind:
             raise LinkFrameError("total", "fragment of %r disagrees on size or kind" % (key,))
         for j, b in enumerate(e.data):
