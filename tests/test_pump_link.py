@@ -175,3 +175,221 @@ def test_occlusion_scenario_file(bench):
 def test_scenarios_load():
     for name in ("normal-feed", "occlusion-alarm", "unplugged", "noisy-line", "power-cycle"):
         assert load_scenario(name)["initial"]["rate"] == 1250
+
+
+# --- bad input: each fault its own test -------------------------------------------------------
+NO_FAULTS = {"faults": {"set": {k: 0 for k in ("noise", "bad_checksum", "control_in_frame",
+                                                "too_long", "drop_ack", "drop_reply", "nak6")}}}
+
+
+def feed_scenario(faults=None, actions=()):
+    scen = load_scenario("normal-feed")
+    scen["faults"] = dict(faults or {})
+    scen["actions"] = list(actions)
+    return scen
+
+
+def connect(probe, tries=4):
+    """connect() as the application does it: again after a PumpError (a noisy line can fail
+    one attempt; the error is named, nothing is lost)."""
+    for _ in range(tries):
+        got = probe.cmd("connect")
+        if "ident" in got:
+            return got
+        assert got["class"] in ("PumpError", "PumpTimeout", "PumpDisconnected"), got
+    raise AssertionError("no connect in %d tries: %s" % (tries, got))
+
+
+def finish(sim, probe, events, alarms=True):
+    """Faults off, then: one clean poll equals the model; every condition the driver counted
+    was reported as an EV_LINK event (no overflow); the alarm set and cleared during the
+    faults arrived once each, in order; the reader is alive; the line stayed read-only."""
+    sim.act({"do": "faults", **NO_FAULTS["faults"]})
+    for _ in range(3):  # a frame damaged just before the faults stopped may still fail one
+        before = sim.snapshot()
+        got = probe.cmd("poll")
+        after = sim.snapshot()
+        if "status" in got:
+            break
+    assert "status" in got, got
+    assert before["volume"] <= got["status"]["volume"] <= after["volume"]
+    assert got["status"]["alarms"] == after["alarms"]
+    events += probe.cmd("events")["events"]
+    st = assert_clean_link(sim, probe)
+    counters = st["counters"]
+    assert counters["event_overflow"] == 0, counters
+    assert counters["internal"] == 0, counters
+    reported = {}
+    for e in events:
+        if e["kind"] == "link":
+            reported[e["cond"]] = reported.get(e["cond"], 0) + 1
+    assert reported == {k: v for k, v in counters.items() if v}, (reported, counters)
+    if alarms:
+        pumps = [e["values"] for e in events if e["kind"] == "pump"]
+        assert pumps == [{"a": 1, "u": 6}, {"a": 0, "u": 1}], pumps
+    return counters
+
+
+def faulty_session(bench, faults, seed=1, polls=6, gap=50):
+    """Connect, poll through the faults, with an occlusion alarm set then cleared meanwhile."""
+    sim, probe = bench(feed_scenario(faults), seed=seed)
+    connect(probe)
+    events = []
+    results = probe.cmd("polls %d %d" % (polls, gap))["polls"]
+    sim.act({"do": "alarm", "bits": 1})
+    results += probe.cmd("polls %d %d" % (polls, gap))["polls"]
+    sim.act({"do": "clear_alarm", "bits": 1})
+    results += probe.cmd("polls %d %d" % (polls, gap))["polls"]
+    events += probe.cmd("events")["events"]
+    return sim, probe, events, results
+
+
+def faults_logged(sim, name):
+    return sum(1 for _, what in sim.log if what.startswith("fault " + name))
+
+
+def test_random_bytes_on_the_line(bench):
+    sim, probe, events, results = faulty_session(bench, {"noise": 0.7}, seed=3)
+    counters = finish(sim, probe, events)
+    assert faults_logged(sim, "noise") >= 5
+    assert counters["noise"] >= 3, counters
+    # A burst can hold a NAK (0x15) and an error byte: that request fails with a named error.
+    ok = sum(1 for r in results if "status" in r)
+    assert ok >= len(results) - 3, results
+    for r in results:
+        assert "status" in r or r["error"] in ("nak", "timeout"), r
+
+
+def test_wrong_checksums(bench):
+    sim, probe, events, results = faulty_session(bench, {"bad_checksum": 0.5}, seed=2)
+    counters = finish(sim, probe, events)
+    n = faults_logged(sim, "bad_checksum")
+    assert n >= 5
+    # every corrupted frame was NAKed '2', counted and reported once, and sent again clean
+    assert counters["checksum"] == n == sim.snapshot()["stats"]["naks_received"]["2"]
+    assert all("status" in r for r in results), results
+
+
+def test_control_bytes_inside_frames(bench):
+    sim, probe, events, results = faulty_session(bench, {"control_in_frame": 0.5}, seed=4)
+    counters = finish(sim, probe, events)
+    n = faults_logged(sim, "control_in_frame")
+    assert n >= 5
+    assert counters["control_in_frame"] == n == sim.snapshot()["stats"]["naks_received"]["8"]
+    assert all("status" in r for r in results), results
+
+
+def test_frames_over_80_chars(bench):
+    sim, probe, events, results = faulty_session(bench, {"too_long": 0.5}, seed=5)
+    counters = finish(sim, probe, events)
+    n = faults_logged(sim, "too_long")
+    assert n >= 5
+    assert counters["too_long"] == n == sim.snapshot()["stats"]["naks_received"]["7"]
+    assert all("status" in r for r in results), results
+
+
+def test_missing_acks_and_a_slow_pump(bench):
+    # The pump forgets to ACK half the requests (the reply still comes) and answers 300 ms late.
+    sim, probe, events, results = faulty_session(
+        bench, {"drop_ack": 0.5, "delay_ms": 300}, polls=3, gap=10
+    )
+    counters = finish(sim, probe, events)
+    assert faults_logged(sim, "drop_ack") >= 3
+    assert all("status" in r for r in results), results
+    assert not any(counters.values()), counters
+
+
+def test_pump_stops_answering_then_comes_back(bench):
+    # speed 20: unplugged at 40 s (2 s real) for 160 s (8 s real); an occlusion at 100 s and
+    # its clearing at 120 s happen while the line is dead: the pump sends both when it is back.
+    scen = feed_scenario(
+        actions=[
+            {"at": 40, "do": "unplug", "for": 160},
+            {"at": 100, "do": "alarm", "bits": 1},
+            {"at": 120, "do": "clear_alarm", "bits": 1},
+        ]
+    )
+    sim, probe = bench(scen, speed=20.0)
+    connect(probe)
+    got = probe.cmd("polls 14 300", timeout=60)["polls"]
+    kinds = [r.get("error", "ok") for r in got]
+    # ok..., then time-outs (each poll: 1 s + one retry), then disconnected, then ok again
+    first_bad = next(i for i, k in enumerate(kinds) if k != "ok")
+    assert kinds[first_bad : first_bad + 2] == ["timeout", "timeout"], kinds
+    assert kinds[first_bad + 2] == "disconnected", kinds
+    assert kinds[-1] == "ok", kinds
+    assert "timeout" not in kinds[first_bad + 3 :], kinds  # disconnected = PumpDisconnected
+    events = probe.cmd("events")["events"]
+    conds = [e["cond"] for e in events if e["kind"] == "link"]
+    assert conds.index("disconnected") < conds.index("reconnected"), conds
+    rec = [e for e in events if e.get("cond") == "reconnected"]
+    assert len(rec) == 1 and rec[0]["values"] == {"cause": 7}, rec  # COND_DISCONNECTED
+    assert [e for e in events if e.get("cond") == "disconnected"][0]["values"] == {"failures": 3}
+    finish(sim, probe, events)
+    assert sim.snapshot()["stats"]["commands"]["DC"] == 2
+
+
+def test_nak_storm(bench):
+    # From 2 s to 7 s the pump answers every request NAK '6' (receiver not ready).
+    scen = feed_scenario(
+        actions=[
+            {"at": 2, "do": "faults", "set": {"nak6": 1.0}},
+            {"at": 4, "do": "alarm", "bits": 1},
+            {"at": 5, "do": "clear_alarm", "bits": 1},
+            {"at": 7, "do": "faults", "set": {"nak6": 0.0}},
+        ]
+    )
+    sim, probe = bench(scen)
+    connect(probe)
+    got = probe.cmd("polls 24 300", timeout=60)["polls"]
+    kinds = [r.get("error", "ok") for r in got]
+    first_bad = next(i for i, k in enumerate(kinds) if k != "ok")
+    # each failed poll = NAK '6', retry, NAK '6'; the third in a row makes it disconnected
+    assert kinds[first_bad : first_bad + 3] == ["nak", "nak", "disconnected"], kinds
+    assert kinds[-1] == "ok", kinds
+    events = probe.cmd("events")["events"]
+    naks = [e for e in events if e.get("cond") == "nak"]
+    assert naks and all(e["values"] == {"err": ord("6")} for e in naks)
+    assert len(naks) == sim.snapshot()["stats"]["naks_sent"]["6"]
+    assert any(e.get("cond") == "reconnected" for e in events)
+    finish(sim, probe, events)
+
+
+def test_pump_power_cycle(bench):
+    # Off at 3 s for 2 s: the pump comes back in standby, volume 0, no session (I;0D).
+    scen = feed_scenario(actions=[{"at": 3, "do": "power_cycle", "off_s": 2}])
+    sim, probe = bench(scen)
+    connect(probe)
+    before = probe.cmd("poll")["status"]
+    assert before["volume"] >= 100000
+    got = probe.cmd("polls 12 300", timeout=60)["polls"]
+    assert sim.snapshot()["power_cycles"] == 1
+    kinds = [r.get("error", "ok") for r in got]
+    assert kinds[-1] == "ok", kinds
+    last = got[-1]["status"]
+    assert last["volume"] == 0 and last["state"] == 0, last  # counter reset, standby
+    events = probe.cmd("events")["events"]
+    refused = [e for e in events if e.get("cond") == "refused"]
+    assert refused and refused[0]["values"]["code"] == 0x0D, events
+    rec = [e for e in events if e.get("cond") == "reconnected"]
+    assert len(rec) == 1 and rec[0]["values"] == {"cause": 9}, rec  # COND_REFUSED (I;0D)
+    assert sim.snapshot()["subscribed"] == "auez"  # events subscribed again after the reboot
+    # the alarms after the reboot still arrive spontaneously
+    sim.act({"do": "alarm", "bits": 1})
+    sim.act({"do": "clear_alarm", "bits": 1})
+    probe.cmd("wait_event pump 2000 2")
+    finish(sim, probe, events)
+
+
+def test_noisy_line_scenario_file(bench):
+    # Every fault at once (scenarios/noisy-line.json); speed 20: the occlusion at 60 s comes
+    # 3 s after start, its clearing at 90 s 1.5 s later.
+    sim, probe = bench("noisy-line", speed=20.0, seed=11)
+    connect(probe)
+    results = probe.cmd("polls 30 100", timeout=60)["polls"]
+    assert sim.snapshot()["sim_time_s"] > 95
+    events = probe.cmd("events")["events"]
+    counters = finish(sim, probe, events)
+    assert sum(1 for r in results if "status" in r) >= len(results) - 6, results
+    seen = {k for k, v in counters.items() if v}
+    assert {"noise", "checksum", "control_in_frame"} <= seen, counters

@@ -97,19 +97,24 @@ async def main():
                 await pump.poll(status)
                 out({"status": _status(status), "ms": time.ticks_diff(time.ticks_ms(), t0)})
             elif cmd == "polls":
-                res = []
-                for _ in range(int(words[1])):
+                # streamed: one big JSON string would need more heap than the driver itself
+                sys.stdout.write('{"polls": [')
+                for k in range(int(words[1])):
                     try:
                         await pump.poll(status)
-                        res.append({"status": _status(status)})
+                        r = {"status": _status(status)}
                     except base.PumpError as e:
-                        res.append(_error(e))
+                        r = _error(e)
+                    sys.stdout.write((", " if k else "") + json.dumps(r))
                     await asyncio.sleep_ms(int(words[2]))
-                out({"polls": res})
+                sys.stdout.write("]}\n")
             elif cmd == "log":
                 out({"log": await pump.read_log(int(words[1]))})
             elif cmd == "events":
-                out({"events": events[:]})
+                sys.stdout.write('{"events": [')
+                for k in range(len(events)):
+                    sys.stdout.write((", " if k else "") + json.dumps(events[k]))
+                sys.stdout.write("]}\n")
                 events.clear()
             elif cmd == "wait_event":
                 # wait_event KIND TIMEOUT_MS [COUNT]: wait until COUNT (default 1) collected
