@@ -286,8 +286,8 @@ async def query_host_key_slot(s):
 
 async def sync_counter(s):
     """Query host key slot under the lock already held by Session.run (resync of N)."""
-    return await s.run_locked(QUERY, WAIT_MS[QUERY], 4, _b_one, _p_host_key_slot,
-                              TAG_HOST_KEY_SLOT, no_mac=True)  # fmt: skip
+    return await s.run(QUERY, WAIT_MS[QUERY], 4, _b_one, _p_host_key_slot, TAG_HOST_KEY_SLOT,
+                       no_mac=True, locked=True)  # fmt: skip
 
 
 def _p_first(s, m, arg):

@@ -267,44 +267,47 @@ class Session:
             mac = True
         return mac, enc
 
-    async def run(self, cmd, wait_ms, expect, build, parse, arg, need_mac=False, no_mac=False):
+    async def run(self, cmd, wait_ms, expect, build, parse, arg, need_mac=False, no_mac=False,
+                  locked=False):  # fmt: skip
         """One command under the lock: build(buf, arg) -> payload length; send; receive;
         check; return parse(self, m, arg), m being the response data length, the data
         buf[3:3+m] (parse runs under the lock: nothing aliasing the buffer escapes).
 
         expect: exact plaintext data length, or None if variable. One deadline per exchange:
-        wait_ms + busy_timeout_ms from the write.
+        wait_ms + busy_timeout_ms from the write. locked=True: the caller already holds the
+        lock (the resync of N from inside another command).
         """
-        async with self.lock:
-            return await self.run_locked(cmd, wait_ms, expect, build, parse, arg, need_mac, no_mac)
-
-    async def run_locked(self, cmd, wait_ms, expect, build, parse, arg, need_mac=False,
-                         no_mac=False):  # fmt: skip
-        resends = 0
-        while True:
-            mac, enc = self.protection(cmd, need_mac, no_mac)
-            if mac and self.n is None:
-                await self.sync(self)
-                if self.n is None:
-                    raise CryptoError(cmd, detail="no host keys in the chip")
-            used = self.n
-            p = build(self.buf, arg)
-            try:
-                m = await self._exchange(cmd, p, wait_ms, expect, mac, enc)
-                return parse(self, m, arg)
-            except CommunicationError:
-                if resends >= _RESENDS:
-                    raise
-            except InvalidCMAC:
-                if resends >= _RESENDS:
-                    raise
-                await self.sync(self)
-                if self.n is None or self.n == used:
-                    raise  # same counter: the keys are wrong, not a lost step
-                self.resyncs += 1
-            resends += 1
-            if _DEBUG:
-                print("stsafe: re-send cmd", cmd)
+        if not locked:
+            await self.lock.acquire()  # (cheaper on the heap than `async with`)
+        try:
+            resends = 0
+            while True:
+                mac, enc = self.protection(cmd, need_mac, no_mac)
+                if mac and self.n is None:
+                    await self.sync(self)
+                    if self.n is None:
+                        raise CryptoError(cmd, detail="no host keys in the chip")
+                used = self.n
+                p = build(self.buf, arg)
+                try:
+                    m = await self._exchange(cmd, p, wait_ms, expect, mac, enc)
+                    return parse(self, m, arg)
+                except CommunicationError:
+                    if resends >= _RESENDS:
+                        raise
+                except InvalidCMAC:
+                    if resends >= _RESENDS:
+                        raise
+                    await self.sync(self)
+                    if self.n is None or self.n == used:
+                        raise  # same counter: the keys are wrong, not a lost step
+                    self.resyncs += 1
+                resends += 1
+                if _DEBUG:
+                    print("stsafe: re-send cmd", cmd)
+        finally:
+            if not locked:
+                self.lock.release()
 
     async def _exchange(self, cmd, p, wait_ms, expect, mac, enc):
         buf = self.buf

@@ -54,17 +54,19 @@ class Transport:
             return self._nack(e, cmd)
         return True
 
-    async def _poll(self, fn, mv, cmd, deadline):
-        while not fn(mv, cmd):
-            left = time.ticks_diff(deadline, time.ticks_ms())
-            if left <= 0:
-                raise NackTimeout(cmd, detail=self.nacks)
-            await asyncio.sleep_ms(min(self.poll_ms, left))
-
     async def write(self, mv, cmd, deadline):
         """Write mv, polling while the chip NACKs, until `deadline` (ticks_ms)."""
-        await self._poll(self.try_write, mv, cmd, deadline)
+        while not self.try_write(mv, cmd):
+            await self._wait(cmd, deadline)
 
     async def read(self, mv, cmd, deadline):
         """Read len(mv) bytes, polling while the chip NACKs, until `deadline` (ticks_ms)."""
-        await self._poll(self.try_read, mv, cmd, deadline)
+        while not self.try_read(mv, cmd):
+            await self._wait(cmd, deadline)
+
+    def _wait(self, cmd, deadline):
+        """The awaitable for the next poll, or NackTimeout once the deadline has passed."""
+        left = time.ticks_diff(deadline, time.ticks_ms())
+        if left <= 0:
+            raise NackTimeout(cmd, detail=self.nacks)
+        return asyncio.sleep_ms(min(self.poll_ms, left))
