@@ -26,6 +26,7 @@
 from micropython import const
 
 from firmware import signed
+from firmware.ack import Acks
 from firmware.cbor import Encoder
 from firmware.crypto import hkdf
 from firmware.seal import ALG, KEY_LEN, NONCE_LEN, Opener, Sealer
@@ -113,8 +114,8 @@ def epoch_payload(device_id, epoch, pub33):
 
 
 class Epoch:
-    """One epoch: its number, the per-epoch object counter, the record sealer, the ack
-    opener and the signed epoch record.
+    """One epoch: its number, the per-epoch object counter, the record `sealer`, the
+    `acks` opener (firmware/ack.py) and the signed epoch record.
 
     `next_seq()` hands out the object sequence numbers (1, 2, ...) for sealed records,
     checkpoints and module events alike; seq 0 is the epoch record."""
@@ -126,6 +127,7 @@ class Epoch:
         rk, riv, ak, aiv = keys
         self.sealer = Sealer(rk, riv, self.device_id, number)
         self.opener = Opener(ak, aiv, self.device_id, number)
+        self.acks = Acks(self.opener)
         self.payload = epoch_payload(self.device_id, number, pub33)
         self.signature = signature
         self.seq = 0
