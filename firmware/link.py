@@ -128,6 +128,7 @@ class Link:
         self.send_timeout_ms = send_timeout_ms
         self.clock = clock
         self._frame = bytearray(max(256, max(r.mtu for r in radios)))
+        self._fmv = memoryview(self._frame)
         # In-flight objects, one slot each (preallocated lists, no per-object allocation).
         self._used = [False] * window
         self._epoch = [0] * window
@@ -208,9 +209,14 @@ class Link:
                 continue
             if time.ticks_diff(self._due[i], now) > 0:
                 continue
-            if epoch is not None and self._epoch[i] != epoch:
+            ei = self._epoch[i]
+            if epoch is not None and ei != epoch:
                 continue
-            if best < 0 or (self._epoch[i], self._seq[i]) < (self._epoch[best], self._seq[best]):
+            if best < 0:
+                best = i
+                continue
+            eb = self._epoch[best]
+            if ei < eb or (ei == eb and self._seq[i] < self._seq[best]):
                 best = i
         return best
 
@@ -319,7 +325,7 @@ class Link:
         self.stats["frames"] += 1
         self.stats["bytes"] += n
         budget.charge(radio.time_on_air_ms(n), now)
-        return memoryview(buf)[:n]
+        return self._fmv[:n]
 
     def _fits(self, e, n, mtu, off):
         """Whether (part of) entry e, from byte `off`, should go into a frame holding n bytes

@@ -99,10 +99,14 @@ def _seg_name(segno):
     return "%08d%s" % (segno, _SEG_SUFFIX)
 
 
+def _u32(mv, i):
+    return mv[i] | (mv[i + 1] << 8) | (mv[i + 2] << 16) | (mv[i + 3] << 24)
+
+
 def _crc_ok(mv, off, n):
     # n = data length; the crc follows the data
     end = off + _HDR + n
-    return crc32(mv[off:end]) == struct.unpack_from("<I", mv, end)[0]
+    return crc32(mv[off:end]) == _u32(mv, end)
 
 
 def _parse_at(mv, off, end):
@@ -148,6 +152,7 @@ class Outbox:
         # Segment cache (recovery, scans): one segment at a time. _ebuf builds appends,
         # _rbuf serves read(); both hold one entry.
         self._cache = bytearray(segment_bytes)
+        self._cmv = memoryview(self._cache)
         self._cache_seg = -1
         self._cache_len = 0
         self._ebuf = bytearray(max_data + _OVH)
@@ -210,19 +215,21 @@ class Outbox:
         os.rename(tmp, self._path(name))
 
     def _load(self, segno, size):
-        """Read segment `segno` (size bytes) into the cache; returns a memoryview of it."""
+        """Read segment `segno` (size bytes) into the cache, unless it is there already.
+        Returns how many bytes of it self._cmv (the cache's memoryview) holds."""
         if self._cache_seg == segno and self._cache_len == size:
-            return memoryview(self._cache)[:size]
+            return size
         if size > len(self._cache):
             # Explicit growth: only a segment written with a larger segment_bytes gets here.
             self._cache = bytearray(size)
+            self._cmv = memoryview(self._cache)
         self._cache_seg = -1
-        mv = memoryview(self._cache)[:size]
+        mv = self._cmv
         f = open(self._path(_seg_name(segno)), "rb")
         try:
             got = 0
             while got < size:
-                n = f.readinto(mv[got:])
+                n = f.readinto(mv[got:size])
                 if not n:
                     break
                 got += n
@@ -230,7 +237,7 @@ class Outbox:
             f.close()
         self._cache_seg = segno
         self._cache_len = got
-        return mv[:got]
+        return got
 
     # ---------------------------------------------------------------- recovery
 
@@ -309,8 +316,8 @@ class Outbox:
         if size == 0:
             self._remove(name)
             return
-        mv = self._load(segno, size)
-        size = len(mv)
+        size = self._load(segno, size)
+        mv = self._cmv
         off = 0
         out = 0  # compaction write offset: valid entries move left over bad regions
         count = 0
@@ -330,7 +337,8 @@ class Outbox:
                 dirty = True
                 off = nxt
                 continue
-            epoch, seq = struct.unpack_from("<II", mv, off + 4)
+            epoch = _u32(mv, off + 4)
+            seq = _u32(mv, off + 8)
             if last is not None and (epoch < last[0] or (epoch == last[0] and seq <= last[1])):
                 # An id not after the one before it: never written by append(); drop it.
                 rep["duplicates"] += 1
@@ -570,8 +578,7 @@ class Outbox:
                         self._remove(name)
                     else:
                         self._cache_seg = -1
-                        mv = self._load(segno, good)
-                        self._replace(name, mv)
+                        self._replace(name, self._cmv[: self._load(segno, good)])
                         self._cache_seg = segno
                         self._cache_len = good
                 except OSError:
@@ -627,8 +634,9 @@ class Outbox:
                 off = 0
             size = ix[2 * i + 1]
             if off < size:
-                mv = self._load(cur, size)
-                size = len(mv)
+                if self._cache_seg != cur or self._cache_len != size:
+                    size = self._load(cur, size)  # (a call with a heap-allocated frame)
+                mv = self._cmv
                 while off < size:
                     n = _parse_at(mv, off, size)
                     if n == 0:
@@ -636,7 +644,8 @@ class Outbox:
                         self.stats["corrupt"] += 1
                         off = _resync(mv, off, size)
                         continue
-                    epoch, seq = struct.unpack_from("<II", mv, off + 4)
+                    epoch = _u32(mv, off + 4)
+                    seq = _u32(mv, off + 8)
                     if not self.is_acked(epoch, seq):
                         dlen = n - _OVH
                         e.kind = mv[off + 1]
@@ -671,7 +680,7 @@ class Outbox:
         buf = self._rbuf
         mv = memoryview(buf)
         if self._cache_seg == segno:
-            n = _parse_at(memoryview(self._cache), off, self._cache_len)
+            n = _parse_at(self._cmv, off, self._cache_len)
             if n == 0:
                 return None
             buf[:n] = self._cache[off : off + n]
@@ -693,7 +702,8 @@ class Outbox:
                 return None
         e = self._rentry
         e.kind = buf[1]
-        e.epoch, e.seq = struct.unpack_from("<II", buf, 4)
+        e.epoch = _u32(buf, 4)
+        e.seq = _u32(buf, 8)
         e.data = mv[_HDR : n - 4]
         e.pos = pos
         e.next = pos + n
@@ -726,33 +736,41 @@ class Outbox:
             return False  # nothing of that epoch was ever appended
         if self._first is not None and epoch < self._first[0]:
             return False  # nothing of that epoch is left in the log
-        bitmap &= (1 << min(bitmap_len, _MAX_BITS)) - 1
+        # (masks only when needed: they are long integers, allocated)
+        if bitmap_len > _MAX_BITS:
+            bitmap_len = _MAX_BITS
+        if bitmap >> bitmap_len:
+            bitmap &= (1 << bitmap_len) - 1
         if epoch == last[0] and cum_seq + bitmap_len > last[1]:
             # Never ack ahead of what was appended: a later object must not be born acked.
             if cum_seq > last[1]:
                 cum_seq = last[1]
                 bitmap = 0
-            else:
+            elif bitmap >> (last[1] - cum_seq):
                 bitmap &= (1 << (last[1] - cum_seq)) - 1
         a = self._acks.get(epoch)
         if a is None:
-            a = [-1, 0]
-        cum, bits = a
-        old = (cum, bits)
+            a = self._acks[epoch] = [-1, 0]
+        cum = cum0 = a[0]
+        bits = bits0 = a[1]
         if cum_seq > cum:
             shift = cum_seq - cum
             bits = bits >> shift if shift <= _MAX_BITS else 0
             cum = cum_seq
-        else:
+        elif bitmap:
             shift = cum - cum_seq
             bitmap = bitmap >> shift if shift <= bitmap_len else 0
-        bits = (bits | bitmap) & _MAX_BITS_MASK
+        if bitmap:
+            bits |= bitmap
+            if bits >> _MAX_BITS:
+                bits &= _MAX_BITS_MASK
         while bits & 1:
             bits >>= 1
             cum += 1
-        if (cum, bits) == old:
+        if cum == cum0 and bits == bits0:
             return False
-        self._acks[epoch] = [cum, bits]
+        a[0] = cum
+        a[1] = bits
         self.stats["acked"] += 1
         return True
 
@@ -782,8 +800,8 @@ class Outbox:
         h = self._head
         if h is not None and h[0] == ix[0] and h[1] == ix[1]:
             return h
-        mv = self._load(ix[0], ix[1])
-        size = len(mv)
+        size = self._load(ix[0], ix[1])
+        mv = self._cmv
         off = 0
         first = None
         last = (0, 0)
@@ -792,7 +810,7 @@ class Outbox:
             if n == 0:
                 off = _resync(mv, off, size)
                 continue
-            last = struct.unpack_from("<II", mv, off + 4)
+            last = (_u32(mv, off + 4), _u32(mv, off + 8))
             if first is None:
                 first = last
             off += n
@@ -805,16 +823,15 @@ class Outbox:
         h = self._head_info()
         if h is None or not self.is_acked(h[3], h[4]):
             return False
-        mv = self._load(h[0], h[1])
-        size = len(mv)
+        size = self._load(h[0], h[1])
+        mv = self._cmv
         off = 0
         while off < size:
             n = _parse_at(mv, off, size)
             if n == 0:
                 off = _resync(mv, off, size)
                 continue
-            epoch, seq = struct.unpack_from("<II", mv, off + 4)
-            if not self.is_acked(epoch, seq):
+            if not self.is_acked(_u32(mv, off + 4), _u32(mv, off + 8)):
                 return False
             off += n
         return True
