@@ -186,6 +186,22 @@ async def ticker(se, i2c, peer, digest):
     return {"ticks": ticks[0], "max_gap_ms": gaps[0], "elapsed_ms": elapsed}
 
 
+async def encrypted(se, i2c, peer):
+    """Commands and responses encrypted as the chip's authorization table says."""
+    await se.init()
+    data = bytes(range(100, 200))
+    await se.update(1, 0, data)
+    eph = await se.generate_key(0xFF)
+    return {
+        "echo": hexs(await se.echo(b"secret echo " * 4)),
+        "read": hexs(await se.read(1, 0, 100)),
+        "eph": hexs(eph),
+        "z": hexs(await se.establish_key(0xFF, peer)),
+        "n_driver": se.counter,
+        "n_chip": chip_counter(i2c),
+    }
+
+
 async def init_only(se, i2c):
     try:
         await se.init()
@@ -208,6 +224,7 @@ SCENARIOS = {
     "counter_exhaust": (counter_exhaust, lambda a: (int(a[0]),)),
     "faults": (faults, lambda a: (int(a[0]),)),
     "ticker": (ticker, lambda a: (unhex(a[0]), unhex(a[1]))),
+    "encrypted": (encrypted, lambda a: (unhex(a[0]),)),
     "init_only": (init_only, lambda a: ()),
     "no_keys": (no_keys, lambda a: ()),
 }

@@ -21,6 +21,7 @@ every read: the response is lost), "counter_step" (N moves on by `count`, as if 
 been lost).
 """
 
+import collections
 import json
 import os
 import threading
@@ -112,6 +113,7 @@ class StsafeEmulator:
         self.commands = []  # (cmd, status, C-MAC'd) of every command executed, for tests
         self.nacks = 0
         self.process_s = 0.0  # time spent computing responses (benches subtract it)
+        self.wire = collections.deque(maxlen=64)  # last frames (command, response), for tests
 
     # --- state ---
 
@@ -244,6 +246,7 @@ class StsafeEmulator:
                 wait += slow.get("ms", 100)
             self._response = rsp
             self._response_cmd = cmd
+            self.wire.append((frame, rsp))
             if self._take("drop_response", cmd):
                 self._response = None
             self._busy_until = now + wait / 1000 * self.time_scale
