@@ -185,6 +185,8 @@ def parse_header(obj):
     hdr = 1 + n + (KID_LEN if f & FLAG_KID else 0)
     if len(obj) < hdr + TAG_LEN:
         raise SealError("truncated")
+    if n > 1 and obj[1] == 0:
+        raise SealError("bad partial iv length")  # not the shortest form (RFC 8613 §6.1)
     piv = 0
     for i in range(1, 1 + n):
         piv = (piv << 8) | obj[i]

@@ -109,6 +109,7 @@ def test_parse_header_rejects_malformed():
                         (b"\x11\x01" + bytes(8), "bad flags"),
                         (b"\x00" + bytes(9), "bad partial iv length"),
                         (b"\x06" + bytes(14), "bad partial iv length"),
+                        (b"\x02\x00\x05" + bytes(8), "bad partial iv length"),
                         (b"\x01\x01" + bytes(7), "truncated"),
                         (b"\x09\x01\x00\x00\x00" + bytes(7), "truncated")):
         try:
