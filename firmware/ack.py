@@ -1,4 +1,5 @@
 # Server acknowledgements, opened and checked on the module.
+# MIT licence, (c) serene-module authors. Wire format: docs/wire-format.md.
 #
 # An ack is sealed by the server exactly as the module seals records (firmware/seal.py), in
 # the other direction: under the current epoch's server->module ack key and IV, the server's

@@ -1,4 +1,5 @@
 # CBOR (RFC 8949) encoder and strict decoder for the firmware.
+# MIT licence, (c) serene-module authors.
 #
 # Encoding is deterministic as in RFC 8949 §4.2.1 ("core deterministic encoding"): integers,
 # lengths and tags in their shortest head, definite lengths only, map keys sorted by the

@@ -1,6 +1,7 @@
 # Checkpoints: a COSE_Sign1 (firmware/signed.py) by the STSAFE factory key over the hash chain
 # of the sealed objects since the previous checkpoint, so that the server can prove later, at
 # rest, that the records it stores are exactly the bytes the module sealed.
+# MIT licence, (c) serene-module authors. Wire format: docs/wire-format.md.
 #
 # Chain: SHA-256 over the entries e_i = seq_i (4 bytes, big-endian) || len_i (2 bytes,
 # big-endian) || sealed bytes_i, in the order they were sealed, for every object added since

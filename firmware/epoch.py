@@ -1,5 +1,6 @@
 # Epoch start: a fresh epoch number, an ephemeral key agreement with the server, the keys of
 # the epoch, and the signed epoch record that announces them. At boot and at every rotation.
+# MIT licence, (c) serene-module authors. Wire format: docs/wire-format.md.
 #
 # 1. Decrement the STSAFE one-way counter zone: the new counter value is the epoch number, so
 #    an epoch number is never used twice, even after a reflash or a power cut (a cut after

@@ -1,6 +1,7 @@
 # Record sealing: COSE_Encrypt0 (RFC 9052 §5.2) with AES-CCM-16-64-128 (alg 10, RFC 9053
 # §4.2), nonce built as in OSCORE (RFC 8613 §5.2), carried compressed as OSCORE carries it
 # (RFC 8613 §6). The full wire format, with a worked example, is docs/wire-format.md.
+# MIT licence, (c) serene-module authors.
 #
 # Sealed object (what is stored in the outbox and sent; a retransmission resends these bytes):
 #

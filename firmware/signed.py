@@ -1,5 +1,6 @@
 # COSE_Sign1 objects (RFC 9052 §4.2) signed by the STSAFE-A110's factory key (slot 0) with
 # ES256 (ECDSA P-256 + SHA-256, RFC 9053 §2.1): the epoch record and the checkpoints.
+# MIT licence, (c) serene-module authors. Wire format: docs/wire-format.md.
 #
 #   tag 18 ( [ protected = h'A10126' ({1: -7}), unprotected, payload: bstr, signature: bstr(64) ] )
 #

@@ -167,7 +167,49 @@ def test_epoch_record_by_reference_and_unknown_device(chip, home, upy, procs, tm
     with pytest.raises(VerifyError) as e:
         v2.verify_object(DEV, rec)
     assert e.value.reason == "unknown device"
+    # ... which may learn a certificate sent by value, if it chains to the CA
+    by_value = bytes.fromhex(node("start", cert="x5chain")["record"])
+    v3 = from_home(home, accept_unregistered=True)
+    v3.certs.pop(DEV)
+    v3.verify_object(DEV, by_value)
+    assert v3.verify_object(DEV, rec).kind == "epoch"  # now known: by reference works
+    # a certificate for the same device key and name from another CA is refused
+    rogue = _rogue_certificate(v.certs[DEV])
+    s = protocol.parse_signed(by_value)
+    forged = cbor2.dumps(cbor2.CBORTag(18, [protocol.PROTECTED_ES256, {33: rogue},
+                                            s.message.payload, s.message.signature]))
+    v4 = from_home(home, accept_unregistered=True)
+    v4.certs.pop(DEV)
+    with pytest.raises(VerifyError) as e:
+        v4.verify_object(DEV, forged)
+    assert e.value.reason == "bad certificate"
+    with pytest.raises(VerifyError) as e:  # and, to a server that registered the device
+        from_home(home).verify_object(DEV, forged)
+    assert e.value.reason == "bad certificate"
     node.close()
+
+
+def _rogue_certificate(real):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(real.subject)
+        .issuer_name(real.issuer)  # claims the real CA's name
+        .public_key(real.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.DER)
 
 
 def _flip_all(data):

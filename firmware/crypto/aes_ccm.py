@@ -1,5 +1,6 @@
 # AES-CCM (RFC 3610) on cryptolib's AES-ECB: COSE algorithm 10, AES-CCM-16-64-128
 # (RFC 9053 §4.2: 128-bit key, L = 2, M = 8 bytes of tag, 13-byte nonce) by default.
+# MIT licence, (c) serene-module authors.
 #
 # MicroPython's cryptolib has ECB and CBC, no CTR, so both halves of CCM are built here on
 # single-block ECB: the CBC-MAC (RFC 3610 §2.2) and CTR encryption (§2.3). All scratch

@@ -1,4 +1,5 @@
 # HMAC-SHA256 (RFC 2104) and HKDF-SHA256 (RFC 5869) on MicroPython's hashlib.
+# MIT licence, (c) serene-module authors.
 #
 # Used at epoch start (key derivation, RFC 9053 §5.1 "ECDH-ES + HKDF-256"), not per record,
 # so small allocations here are acceptable. MicroPython's sha256 has no copy(), so each HMAC

@@ -7,7 +7,7 @@
 #          "server_key": [zone, offset], "cert_zone", "cert": "x5t" | "x5chain" | "none",
 #          "every_n", "every_ms", "fast": bool, "ops": [op, ...] or absent}
 # Ops come from CONFIG["ops"], else one JSON object per stdin line; one JSON line out each:
-#   {"op": "start"}                     -> {"epoch": n, "record": hex}
+#   {"op": "start"[, "cert": mode]}     -> {"epoch": n, "record": hex}
 #   {"op": "seal", "pt": hex, "kid": b} -> {"seq": s, "sealed": hex[, "cp_seq", "checkpoint"]}
 #   {"op": "checkpoint"}                -> {"cp_seq", "checkpoint"} (forced, if anything to sign)
 #   {"op": "ack", "frame": hex}         -> {"ack": [epoch, cum, bitmap]} | {"err": reason}
@@ -66,7 +66,7 @@ class Node:
             self.cp = Checkpointer(self.ep, self.cfg.get("every_n", 10),
                                    self.cfg.get("every_ms", 600000))
             self.acks = ack.Acks(self.ep.opener)
-            mode = self.cfg.get("cert", "x5t")
+            mode = o.get("cert", self.cfg.get("cert", "x5t"))
             if mode == "x5chain":
                 u = signed.unprotected_x5chain(self.cert)
             elif mode == "x5t":
