@@ -216,6 +216,10 @@ def config_text(port, passwd, acl, log, tls=None, tls_port=None):
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         # Medical records are small; refuse anything absurd before it reaches the server.
         "max_packet_size 65536",
+        # Mosquitto queues at most 1000 QoS 1 messages per subscriber by default and drops the
+        # rest silently: a server catching up after a restart (or a burst from a fleet) would
+        # lose uplinks to the retransmission path. 100000 x <= 1 KiB frames is < 100 MiB.
+        "max_queued_messages 100000",
     ]
     if os.geteuid() == 0:
         # As root Mosquitto would switch to the 'mosquitto' user, who cannot read our 0600
