@@ -37,7 +37,9 @@ def test_layout_and_chain(home):
     ca = x509.load_pem_x509_certificate((home / "ca" / "ca.crt.pem").read_bytes())
     server = x509.load_pem_x509_certificate((home / "server" / "server.crt.pem").read_bytes())
     server.verify_directly_issued_by(ca)
-    server_key = serialization.load_pem_private_key((home / "server" / "server.key.pem").read_bytes(), None)
+    server_key = serialization.load_pem_private_key(
+        (home / "server" / "server.key.pem").read_bytes(), None
+    )
     assert server_key.public_key().public_bytes(*POINT) == server.public_key().public_bytes(*POINT)
     registry = json.loads((home / "registry.json").read_text())
     assert sorted(registry["devices"]) == IDS
@@ -60,7 +62,10 @@ def test_layout_and_chain(home):
         assert emu.zone(profile.SERVER_KEY_ZONE)["update_ac"] == 1
         cfg = json.loads((d / "module.json").read_text())
         assert cfg["device_id"] == dev and cfg["i2c_address"] == 0x20
-        assert emu.state["host_keys"] == {"mac": cfg["host_mac_key"], "cipher": cfg["host_cipher_key"]}
+        assert emu.state["host_keys"] == {
+            "mac": cfg["host_mac_key"],
+            "cipher": cfg["host_cipher_key"],
+        }
         assert cfg["zones"]["certificate"]["zone"] == profile.CERT_ZONE
         assert cfg["zones"]["epoch_counter"]["zone"] == profile.EPOCH_COUNTER_ZONE
         assert emu.zone(cfg["zones"]["epoch_counter"]["zone"])["type"] == 1
@@ -103,7 +108,10 @@ def test_private_keys_only_in_chips_and_ca_server(home):
 def test_more_devices_later_and_resume(tmp_path):
     provision(tmp_path, ["SRN-0001"])
     first = snapshot(tmp_path)
-    assert provision(tmp_path, ["SRN-0001", "SRN-0002"]) == {"SRN-0001": "unchanged", "SRN-0002": "created"}
+    assert provision(tmp_path, ["SRN-0001", "SRN-0002"]) == {
+        "SRN-0001": "unchanged",
+        "SRN-0002": "created",
+    }
     for rel, v in first.items():
         if rel != "registry.json":
             assert snapshot(tmp_path)[rel] == v
@@ -150,9 +158,15 @@ def test_cli(tmp_path, capsys):
 
 def test_server_static_key_agrees_with_module_ecdh(home):
     # The pinned server key is the one whose private half the server holds: ECDH both ways.
-    server_key = serialization.load_pem_private_key((home / "server" / "server.key.pem").read_bytes(), None)
-    emu = StsafeEmulator.load(home / "devices" / IDS[0] / "stsafe.json", time_scale=0, autosave=False)
+    server_key = serialization.load_pem_private_key(
+        (home / "server" / "server.key.pem").read_bytes(), None
+    )
+    emu = StsafeEmulator.load(
+        home / "devices" / IDS[0] / "stsafe.json", time_scale=0, autosave=False
+    )
     pinned = bytes.fromhex(emu.zone(profile.SERVER_KEY_ZONE)["data"])[:65]
     module_eph = ec.generate_private_key(ec.SECP256R1())
     pinned_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), pinned)
-    assert module_eph.exchange(ec.ECDH(), pinned_key) == server_key.exchange(ec.ECDH(), module_eph.public_key())
+    assert module_eph.exchange(ec.ECDH(), pinned_key) == server_key.exchange(
+        ec.ECDH(), module_eph.public_key()
+    )

@@ -64,7 +64,9 @@ def test_every_command_round_trips_with_cmac_rmac(upy, chip, home):
     peer = ec.generate_private_key(ec.SECP256R1())
     peer_pub = peer.public_key().public_bytes(*POINT)
     digest = bytes(range(1, 33))
-    device_cert = x509.load_pem_x509_certificate((home / "devices" / DEVICE / "device.crt.pem").read_bytes())
+    device_cert = x509.load_pem_x509_certificate(
+        (home / "devices" / DEVICE / "device.crt.pem").read_bytes()
+    )
     pub0 = device_cert.public_key().public_bytes(*POINT)
     r = run(upy, emu, cfg, "roundtrip", peer_pub.hex(), digest.hex(), pub0.hex())
 

@@ -298,8 +298,17 @@ def test_queries():
 def test_cli_serves_the_chip_and_saves_it(tmp_path):
     state = tmp_path / "chip.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serene.cli", "stsafe-emu", "--state", str(state), "--create",
-         "--time-scale", "0"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "serene.cli",
+            "stsafe-emu",
+            "--state",
+            str(state),
+            "--create",
+            "--time-scale",
+            "0",
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -468,7 +468,8 @@ async def decrement(s, zone, amount=1, data=b"", offset=0):
     if not 0 < amount <= 0xFFFFFFFF or not 0 <= offset <= 0xFFFF:
         raise ParameterError(DECREMENT, detail="amount/offset")
     return await s.run(DECREMENT, WAIT_MS[DECREMENT], _COUNTER_LEN, _b_decrement, _p_u32,
-                       (zone, offset, amount, data), need_mac=zone_needs_mac(s, zone, True))  # fmt: skip
+                       (zone, offset, amount, data),
+                       need_mac=zone_needs_mac(s, zone, True))  # fmt: skip
 
 
 # --- Keys ---

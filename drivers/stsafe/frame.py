@@ -21,17 +21,19 @@ RSP_HDR_LEN = const(3)  # STATUS + LEN
 MAX_FRAME = const(507)  # [MW] STSAFEA_BUFFER_DATA_PACKET_SIZE, [SL] A110 max frame length
 
 
-def crc16(buf, start, end):
-    """CRC-16/X-25 of buf[start:end] (poly 0x1021 reflected, init and xorout 0xFFFF).
-
-    Byte-wise reflected CCITT update (no table, no allocation); check("123456789") = 0x906E.
-    """
-    crc = 0xFFFF
+def _crc_update(crc, buf, start, end):
+    """Running CRC-16/X-25 over buf[start:end]: byte-wise reflected CCITT update (poly
+    0x1021 reflected = 0x8408), no table, no allocation."""
     for i in range(start, end):
         d = (buf[i] ^ crc) & 0xFF
         d = (d ^ (d << 4)) & 0xFF
         crc = ((d << 8) | (crc >> 8)) ^ (d >> 4) ^ (d << 3)
-    return crc ^ 0xFFFF
+    return crc
+
+
+def crc16(buf, start, end):
+    """CRC-16/X-25 of buf[start:end] (init and xorout 0xFFFF); check("123456789") = 0x906E."""
+    return _crc_update(0xFFFF, buf, start, end) ^ 0xFFFF
 
 
 def seal_command(buf, end):
@@ -48,21 +50,10 @@ def response_length(buf):
 
 
 def response_crc_ok(buf, total):
-    """True if the CRC at the end of the response buf[0:total] covers STATUS + DATA(+R-MAC).
-
-    The LEN field (buf[1:3]) is not covered (spec §2): the CRC runs over buf[0] and then
-    buf[3:total-2].
-    """
+    """True if the CRC at the end of the response buf[0:total] is right. It covers STATUS
+    (buf[0]) and buf[3:total-2], not the LEN field (spec §2)."""
     if total < RSP_HDR_LEN + CRC_LEN:
         return False
-    crc = 0xFFFF
-    # Same update as crc16, inlined to cover the two disjoint ranges without a copy.
-    i = 0
     end = total - CRC_LEN
-    while i < end:
-        d = (buf[i] ^ crc) & 0xFF
-        d = (d ^ (d << 4)) & 0xFF
-        crc = ((d << 8) | (crc >> 8)) ^ (d >> 4) ^ (d << 3)
-        i = 3 if i == 0 else i + 1
-    crc ^= 0xFFFF
+    crc = _crc_update(_crc_update(0xFFFF, buf, 0, 1), buf, RSP_HDR_LEN, end) ^ 0xFFFF
     return buf[end] == crc >> 8 and buf[end + 1] == crc & 0xFF

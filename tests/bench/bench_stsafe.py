@@ -88,14 +88,22 @@ if sys.implementation.name != "micropython":
         sign_emu = statistics.median(emu_s[0x16]) * 1e6
         est_emu = statistics.median(emu_s[0x18]) * 1e6
         print("STSAFE driver bench (unix port, x86_64, drivers/ as .mpy, N=%d)" % N)
-        print("  generate_signature: %7.0f us/op  (measured %d, emulator %d)  %5d B allocated/op"
-              % (out["sign_us"] - sign_emu, out["sign_us"], sign_emu, out["sign_alloc"]))
-        print("  establish_key:      %7.0f us/op  (measured %d, emulator %d)  %5d B allocated/op"
-              % (out["est_us"] - est_emu, out["est_us"], est_emu, out["est_alloc"]))
-        print("  heap: import of drivers.stsafe %d B, driver instance after init %d B"
-              % (out["import"], out["footprint"]))
-        print("  (micropython.mem_peak %d: counts every allocation on this build, not a peak)"
-              % out["mem_peak"])
+        print(
+            "  generate_signature: %7.0f us/op  (measured %d, emulator %d)  %5d B allocated/op"
+            % (out["sign_us"] - sign_emu, out["sign_us"], sign_emu, out["sign_alloc"])
+        )
+        print(
+            "  establish_key:      %7.0f us/op  (measured %d, emulator %d)  %5d B allocated/op"
+            % (out["est_us"] - est_emu, out["est_us"], est_emu, out["est_alloc"])
+        )
+        print(
+            "  heap: import of drivers.stsafe %d B, driver instance after init %d B"
+            % (out["import"], out["footprint"])
+        )
+        print(
+            "  (micropython.mem_peak %d: counts every allocation on this build, not a peak)"
+            % out["mem_peak"]
+        )
         print("  smallest heap the bench runs in: %s KiB" % smallest)
         print("  fixed chip waits not included: Generate Signature 80 ms, Establish Key 260 ms")
     sys.exit(0)
@@ -136,7 +144,7 @@ async def main(port, mac, cipher, n):
     digest = bytes(range(1, 33))
     peer = await se.generate_key(0xFF)  # any valid P-256 point will do as the peer
     sign, est, sign_alloc, est_alloc = [], [], 0, 0
-    for i in range(n):
+    for _ in range(n):
         gc.collect()
         gc.disable()
         a = gc.mem_alloc()
@@ -168,5 +176,10 @@ async def main(port, mac, cipher, n):
 if sys.argv[0] == "bench":
     import json
 
-    port, mac, cipher, n = int(sys.argv[1]), unhexlify(sys.argv[2]), unhexlify(sys.argv[3]), int(sys.argv[4])
+    port, mac, cipher, n = (
+        int(sys.argv[1]),
+        unhexlify(sys.argv[2]),
+        unhexlify(sys.argv[3]),
+        int(sys.argv[4]),
+    )
     print(json.dumps(asyncio.run(main(port, mac, cipher, n))))

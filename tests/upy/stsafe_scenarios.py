@@ -62,7 +62,9 @@ async def roundtrip(se, i2c, peer, digest, pub0):
     r["life_cycle"] = await se.query_life_cycle()
     r["host_key_slot"] = list(await se.query_host_key_slot())
     r["zones"] = [list(z) for z in await se.query_data_partition()]
-    r["auth"] = sorted([k, v[0], v[1]] for k, v in (await se.query_command_authorization())[1].items())
+    r["auth"] = sorted(
+        [k, v[0], v[1]] for k, v in (await se.query_command_authorization())[1].items()
+    )
     r["keys"] = [list(k) for k in await se.query_private_key_table()]
     data = bytes(i & 0xFF for i in range(300))
     await se.update(1, 5, data)
@@ -231,7 +233,12 @@ SCENARIOS = {
 
 
 def main():
-    port, mac, cipher, scenario = int(sys.argv[1]), unhex(sys.argv[2]), unhex(sys.argv[3]), sys.argv[4]
+    port, mac, cipher, scenario = (
+        int(sys.argv[1]),
+        unhex(sys.argv[2]),
+        unhex(sys.argv[3]),
+        sys.argv[4],
+    )
     fn, parse = SCENARIOS[scenario]
     args = parse(sys.argv[5:])
     i2c = bus(port)

@@ -39,7 +39,11 @@ def _run(i2c, coro_fn):
 def test_plain_command_frames_on_the_wire():
     # Each command as the driver writes it, answered with the vector responses.
     cases = [
-        (lambda se: se.echo(b"\x01\x02\x03"), "00 01 02 03 a7 29", unhex("00 00 05 01 02 03 a7 29")),
+        (
+            lambda se: se.echo(b"\x01\x02\x03"),
+            "00 01 02 03 a7 29",
+            unhex("00 00 05 01 02 03 a7 29"),
+        ),
         (lambda se: se.reset(), "01 e1 f1", unhex("00 00 02 f0 78")),
         (lambda se: se.random(32), "02 00 20 52 76", rsp(0, bytes(range(32)))),
         (lambda se: se.query_host_key_slot(), "14 17 99 88", rsp(0, b"\x01\x00\x00\x07")),
@@ -153,7 +157,10 @@ def _ek_session(ek_rsp):
 
 def test_encrypted_establish_key_vector():
     i2c, z, se = _ek_session(EK_RSP)
-    eq(i2c.written[0], unhex("14 24") + bytes([crc_x25(b"\x14\x24") >> 8, crc_x25(b"\x14\x24") & 0xFF]))
+    eq(
+        i2c.written[0],
+        unhex("14 24") + bytes([crc_x25(b"\x14\x24") >> 8, crc_x25(b"\x14\x24") & 0xFF]),
+    )
     eq(i2c.written[2], EK_CMD)
     # The vector's shared secret is 32 bytes of 0xA5 (its plaintext is 00 20 A5..A5).
     eq(z, b"\xa5" * 32)
@@ -250,7 +257,7 @@ def test_chip_status_is_raised_and_not_resent():
         _run(i2c, lambda se: se.generate_signature(1, b"\x01" * 32))
     except errors.KeyNotFound as e:
         if e.cmd != 0x16:
-            raise AssertionError(e.cmd)
+            raise AssertionError(e.cmd) from None
     else:
         raise AssertionError("no error")
     if len(i2c.written) != 1:
@@ -270,7 +277,7 @@ def test_all_zero_digest_is_refused_before_the_bus():
         _run(i2c, lambda se: se.generate_signature(0, bytes(32)))
     except errors.ParameterError as e:
         if e.cmd != 0x16:
-            raise AssertionError(e.cmd)
+            raise AssertionError(e.cmd) from None
     else:
         raise AssertionError("all-zero digest sent")
     if i2c.written:

@@ -78,7 +78,7 @@ def blank_state(rng=os.urandom):
     """The state of a chip as it leaves the factory: no host keys, no keys, empty zones."""
     zones = []
     for z in profile.ZONES:
-        d = dict(zip(profile.ZONE_FIELDS, z))
+        d = dict(zip(profile.ZONE_FIELDS, z, strict=True))
         d["data"] = bytes(d["size"]).hex()
         zones.append(d)
     return {
@@ -106,6 +106,7 @@ class StsafeEmulator:
         self._lock = threading.RLock()
         self._busy_until = 0.0
         self._response = None
+        self._response_cmd = None
         self._asleep = 0  # 0 awake, 1 wake on I2C start, 2 wake on reset only
         self._stuck = False  # the hang of an all-zero digest, or an injected stuck_busy
         self._ephemeral = None  # slot 0xFF: (private key, curve, mode), volatile
@@ -649,9 +650,7 @@ def _take_point(p, off, curve):
     if len(x) != size or len(y) != size:
         raise _Fail("INVALID_PUBLIC_KEY")
     try:
-        pub = ec.EllipticCurvePublicKey.from_encoded_point(
-            _EC_CURVES[curve](), b"\x04" + x + y
-        )
+        pub = ec.EllipticCurvePublicKey.from_encoded_point(_EC_CURVES[curve](), b"\x04" + x + y)
     except ValueError:
         raise _Fail("INVALID_PUBLIC_KEY") from None
     return pub, off

@@ -120,7 +120,12 @@ class StsafeHost:
         d = self.query(P.TAG_DATA_PARTITION)
         zones, off = {}, 1
         for _ in range(d[0]):
-            idx, typ, ac, size = d[off], d[off + 1], d[off + 2], int.from_bytes(d[off + 3 : off + 5], "big")
+            idx, typ, ac, size = (
+                d[off],
+                d[off + 1],
+                d[off + 2],
+                int.from_bytes(d[off + 3 : off + 5], "big"),
+            )
             off += 5
             counter = None
             if typ == 1:
@@ -149,7 +154,9 @@ class StsafeHost:
         out = b""
         while len(out) < length:
             k = min(chunk, length - len(out))
-            payload = bytes([0, zone]) + (offset + len(out)).to_bytes(2, "big") + k.to_bytes(2, "big")
+            payload = (
+                bytes([0, zone]) + (offset + len(out)).to_bytes(2, "big") + k.to_bytes(2, "big")
+            )
             out += self.command(P.READ, payload)[-k:] if k else b""
         return out
 

@@ -78,8 +78,11 @@ def command_frame(hdr, payload, mac=b""):
 def response_frame(status, data=b"", rmac=b""):
     """[STATUS][LEN][DATA][R-MAC][CRC]; LEN counts DATA, R-MAC and CRC; CRC skips LEN."""
     covered = bytes([status]) + data + rmac
-    return bytes([status]) + (len(data) + len(rmac) + 2).to_bytes(2, "big") + covered[1:] + (
-        crc_bytes(covered)
+    return (
+        bytes([status])
+        + (len(data) + len(rmac) + 2).to_bytes(2, "big")
+        + covered[1:]
+        + (crc_bytes(covered))
     )
 
 

@@ -90,7 +90,10 @@ def _load_json(path):
 
 def _name(cn):
     return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
     )
 
 
@@ -154,7 +157,8 @@ def _ensure_ca(home):
         .not_valid_after(now.replace(year=now.year + CA_YEARS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
         )
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
@@ -246,14 +250,18 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
         cfg = _load_json(module_path)
         if cfg.get("device_id") != device_id:
             raise ProvisionError("%s names device %r" % (module_path, cfg.get("device_id")))
-        mac_key, cipher_key = bytes.fromhex(cfg["host_mac_key"]), bytes.fromhex(cfg["host_cipher_key"])
+        mac_key, cipher_key = (
+            bytes.fromhex(cfg["host_mac_key"]),
+            bytes.fromhex(cfg["host_cipher_key"]),
+        )
         want = _module_config(device_id, mac_key, cipher_key)
         if cfg != want:  # a newer zone map: rewrite, keys unchanged
             _write(module_path, _json(want), 0o600)
             changed = True
     elif present:
         raise ProvisionError(
-            "%s: the chip is paired but %s is lost; its host keys cannot be read back" % (device_id, module_path)
+            "%s: the chip is paired but %s is lost; its host keys cannot be read back"
+            % (device_id, module_path)
         )
     else:
         mac_key, cipher_key = os.urandom(16), os.urandom(16)
@@ -288,7 +296,9 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
     cz = zones[profile.CERT_ZONE]
     if host.read(profile.CERT_ZONE, 0, len(der)) != der:
         if cz["update_ac"] != 0:
-            raise ProvisionError("%s: zone %d is locked with another certificate" % (device_id, profile.CERT_ZONE))
+            raise ProvisionError(
+                "%s: zone %d is locked with another certificate" % (device_id, profile.CERT_ZONE)
+            )
         host.update(profile.CERT_ZONE, 0, der, lock_ac=profile.AC_NEVER_LOCKED)
         changed = True
     elif cz["update_ac"] != profile.AC_NEVER_LOCKED:
@@ -296,9 +306,14 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
         changed = True
 
     # 4. Pinned server and CA public keys; their zone then needs the host C-MAC to change.
-    pins = server_cert.public_key().public_bytes(*_POINT) + ca_cert.public_key().public_bytes(*_POINT)
+    pins = server_cert.public_key().public_bytes(*_POINT) + ca_cert.public_key().public_bytes(
+        *_POINT
+    )
     sz = zones[profile.SERVER_KEY_ZONE]
-    if host.read(profile.SERVER_KEY_ZONE, profile.SERVER_KEY_OFFSET, len(pins)) != pins or sz["update_ac"] != 1:
+    if (
+        host.read(profile.SERVER_KEY_ZONE, profile.SERVER_KEY_OFFSET, len(pins)) != pins
+        or sz["update_ac"] != 1
+    ):
         host.update(profile.SERVER_KEY_ZONE, profile.SERVER_KEY_OFFSET, pins,
                     lock_ac=1 if sz["update_right"] else None)  # fmt: skip
         changed = True
@@ -306,7 +321,10 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
     # 5. The epoch counter zone must be a one-way counter only the paired MCU can decrement.
     ez = zones[profile.EPOCH_COUNTER_ZONE]
     if ez["type"] != 1 or ez["update_ac"] != 1:
-        raise ProvisionError("%s: zone %d is not a host-only one-way counter" % (device_id, profile.EPOCH_COUNTER_ZONE))
+        raise ProvisionError(
+            "%s: zone %d is not a host-only one-way counter"
+            % (device_id, profile.EPOCH_COUNTER_ZONE)
+        )
 
     # 6. Self-test after any change: the chip's slot-0 key is the certificate's key.
     if changed:
@@ -321,7 +339,9 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
                 ec.ECDSA(Prehashed(hashes.SHA256())),
             )
         except InvalidSignature:
-            raise ProvisionError("%s: the chip's key does not match its certificate" % device_id) from None
+            raise ProvisionError(
+                "%s: the chip's key does not match its certificate" % device_id
+            ) from None
     return cert, changed
 
 
@@ -345,7 +365,9 @@ def provision(home, device_ids):
     ca_key, ca_cert = _ensure_ca(home)
     _, server_cert = _ensure_server(home, ca_key, ca_cert)
     reg_path = home / "registry.json"
-    registry = _load_json(reg_path) if reg_path.exists() else {"format": REGISTRY_FORMAT, "devices": {}}
+    registry = (
+        _load_json(reg_path) if reg_path.exists() else {"format": REGISTRY_FORMAT, "devices": {}}
+    )
     old = json.loads(json.dumps(registry))
     registry["ca_certificate"] = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
     registry["server_certificate"] = server_cert.public_bytes(serialization.Encoding.PEM).decode()
