@@ -135,7 +135,7 @@ def test_faults_nack_bound_crc_rmac_lost_step(upy, chip):
     bound = 300
     r = run(upy, emu, cfg, "faults", bound)
     assert r["stuck"] == "NackTimeout"
-    assert bound <= r["stuck_ms"] <= bound + 100, r["stuck_ms"]  # Echo's wait is 0 ms
+    assert bound <= r["stuck_ms"] <= bound + 150, r["stuck_ms"]  # Echo's wait is 0 ms
     assert r["after_stuck"] == "ok1" and r["storm"] == "ok2"
     assert r["crc_once"] == "ok3"
     assert r["crc_many"] == "CRCError" and r["after_crc"] == "ok4"
@@ -163,7 +163,8 @@ def test_other_tasks_run_while_the_chip_is_busy(upy, chip):
     busy_ms = 160 + 260 + 80  # Generate Key + Establish Key + Generate Signature waits
     assert r["elapsed_ms"] >= busy_ms
     assert r["ticks"] >= busy_ms // 4, r  # a 1 ms ticker kept running
-    assert r["max_gap_ms"] < 30, r
+    # Never blocked for a chip wait (the shortest here is 80 ms); margin for a loaded machine.
+    assert r["max_gap_ms"] < 60, r
 
 
 def test_commands_and_responses_encrypted_per_authorization_table(upy, chip):
