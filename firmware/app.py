@@ -15,7 +15,6 @@ import gc
 import sys
 import time
 
-import micropython
 from micropython import const
 
 from firmware import health as H
@@ -68,12 +67,14 @@ class Recorder:
 
 
 class App:
-    def __init__(self, cfg, pump, pump_api, sink=None, watchdog=None, clock=time.time):
+    def __init__(self, cfg, pump, pump_api, delivery=None, watchdog=None, clock=time.time,
+                 health=None):
         self.cfg = cfg
         self.pump = pump
         self.api = pump_api  # drivers/pump/base.py: PumpStatus, PumpError family, EV_*, COND_*
-        self.health = H.Health()
-        self.rec = Recorder(sink or LogSink(), self.health, clock)
+        self.health = health or H.Health()
+        self.delivery = delivery  # firmware/delivery.py, or None: records are only printed
+        self.rec = Recorder(delivery.sink if delivery else LogSink(), self.health, clock)
         self.wdt = watchdog
         self.status = pump_api.PumpStatus()
         self.last = pump_api.PumpStatus()
@@ -177,14 +178,15 @@ class App:
     async def supervisor(self):
         period_s = self.cfg["health_period_s"]
         last_health = time.ticks_ms()
-        free_min = gc.mem_free()
+        c = self.health.counters
         while True:
             if self.wdt is not None and not self._escalating():
                 self.wdt.feed()
+            c[H.MEM_HIGH] = max(c[H.MEM_HIGH], gc.mem_alloc())
             gc.collect()  # the known quiet point: once a second, between records
-            free_min = min(free_min, gc.mem_free())
-            self.health.gauge(H.MEM_FREE_MIN, free_min)
-            self.health.gauge(H.MEM_PEAK, micropython.mem_peak())
+            c[H.MEM_LIVE_MAX] = max(c[H.MEM_LIVE_MAX], gc.mem_alloc())
+            if self.delivery is not None:
+                self.delivery.housekeeping()
             if time.ticks_diff(time.ticks_ms(), last_health) >= period_s * 1000:
                 last_health = time.ticks_ms()
                 await self.rec.emit(record.KIND_MODULE, self.rec.enc.health,
@@ -218,13 +220,13 @@ class App:
                 await asyncio.sleep_ms(_RESTART_BACKOFF_MS)
 
     async def run(self, run_for_s=0):
+        named = [("pump", self.pump.run), ("poller", self.poller), ("events", self.events),
+                 ("supervisor", self.supervisor)]
+        if self.delivery is not None:
+            await self.delivery.start()  # the epoch: nothing can be sealed before it
+            named += self.delivery.tasks()
         await self._module_event(record.MOD_BOOT)
-        tasks = [
-            asyncio.create_task(self._guard("pump", self.pump.run)),
-            asyncio.create_task(self._guard("poller", self.poller)),
-            asyncio.create_task(self._guard("events", self.events)),
-            asyncio.create_task(self._guard("supervisor", self.supervisor)),
-        ]
+        tasks = [asyncio.create_task(self._guard(name, fn)) for name, fn in named]
         try:
             if run_for_s > 0:
                 await asyncio.sleep(run_for_s)
@@ -239,8 +241,10 @@ class App:
         """One machine-readable line for the bench: health counters and peak heap."""
         import json
 
-        self.health.gauge(H.MEM_PEAK, micropython.mem_peak())
-        print("SUMMARY " + json.dumps({H.NAMES[k]: v for k, v in self.health.counters.items()}))
+        out = {H.NAMES[k]: v for k, v in self.health.counters.items()}
+        if self.delivery is not None:
+            out.update(self.delivery.summary())
+        print("SUMMARY " + json.dumps(out))
 
 
 def build(cfg):
@@ -253,10 +257,41 @@ def build(cfg):
     from drivers.pump import base as pump_api
     from drivers.pump import fkbase
 
+    # Once everything is imported, what the heap holds is code (loaded from .mpy into RAM on
+    # the unix port; in flash when frozen on the board): that is MEM_CODE.
+    if cfg["identity"]:
+        import drivers.radio.ltem  # noqa: F401 - imported now so MEM_CODE counts it
+        import drivers.stsafe  # noqa: F401
+        import firmware.delivery  # noqa: F401
+    gc.collect()
+    health = H.Health()
+    health.gauge(H.MEM_CODE, gc.mem_alloc())
+    delivery = None
+    data_dir = board.prepare_storage(cfg)
+    if cfg["identity"]:
+        delivery = _build_delivery(cfg, board, health, data_dir)
     stream = board.open_pump_stream(cfg)
     pump = fkbase.FKBasePump(stream, address=cfg["pump_address"].encode())
-    board.prepare_storage(cfg)
-    return App(cfg, pump, pump_api, watchdog=board.watchdog(cfg))
+    return App(cfg, pump, pump_api, delivery, board.watchdog(cfg), health=health)
+
+
+def _build_delivery(cfg, board, health, data_dir):
+    from drivers.radio.ltem import LtemRadio
+    from drivers.stsafe import STSAFE
+    from firmware import identity
+    from firmware.delivery import Delivery
+
+    ident = identity.load(cfg["identity"])
+    se = STSAFE(board.open_se_bus(cfg), addr=ident.i2c_address,
+                host_mac_key=ident.host_mac_key, host_cipher_key=ident.host_cipher_key)
+    pin = None
+    if cfg["mqtt_tls_pin"]:
+        with open(cfg["mqtt_tls_pin"], "rb") as f:
+            pin = f.read()
+    radio = LtemRadio(ident.device_id, cfg["mqtt_host"], cfg["mqtt_port"],
+                      cfg["mqtt_user"] or ident.device_id, cfg["mqtt_password"], tls_pin=pin,
+                      netif=board.modem_netif(cfg))
+    return Delivery(cfg, ident, se, radio, health, data_dir)
 
 
 def main(config_path="config.json", overrides=None):

@@ -25,8 +25,22 @@ DEFAULTS = {
     "watchdog_ms": 8000,  # stm32 machine.WDT time-out; 0 = off
     "log_level": 20,  # firmware/log.py levels
     "run_for_s": 0,  # stop after this many seconds (bench, tests); 0 = run forever
-    # identity (written by provisioning)
-    "device_id": "",
+    # identity: the module.json written by provisioning ("" = pump-only mode: records are
+    # printed, not sealed; for bench work on the pump link without a secure element)
+    "identity": "",
+    # store and forward
+    "outbox_capacity": 262144,  # bytes of sealed objects kept on flash at most
+    "outbox_segment": 4096,  # = the littlefs block size (firmware/outbox.py)
+    "checkpoint_every_n": 32,  # a signed checkpoint every N sealed records...
+    "checkpoint_every_s": 600,  # ... and at least this often
+    # radio: LTE-M over MQTT (drivers/radio/ltem.py)
+    "mqtt_host": "127.0.0.1",
+    "mqtt_port": 8883,
+    "mqtt_user": "",
+    "mqtt_password": "",
+    "mqtt_tls_pin": "",  # path of the broker's certificate (DER) to pin; "" = plain TCP
+    "modem_uart": 3,  # stm32: the LTE-M modem's UART
+    "modem_apn": "",  # stm32: the operator's APN
 }
 
 

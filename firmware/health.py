@@ -14,14 +14,18 @@ TASK_RESTARTS = const(6)  # a long-lived task died on an unexpected error and wa
 RECORDS = const(7)  # records produced
 RECORDS_LOST = const(8)  # records that could not be stored (reported, never silent)
 SE_ERRORS = const(9)  # secure-element failures
-MEM_FREE_MIN = const(10)  # lowest free heap seen (bytes), a gauge
-MEM_PEAK = const(11)  # peak heap use (bytes), a gauge
+# Memory gauges (bytes). micropython.mem_peak() is not used: on the unix port it adds up
+# allocations and never subtracts what the collector reclaims, so it only grows.
+MEM_CODE = const(10)  # heap held after boot imports (code loaded from .mpy; 0 when frozen)
+MEM_LIVE_MAX = const(11)  # largest live heap seen right after a collection
+MEM_HIGH = const(12)  # largest heap in use seen before a collection (live + garbage)
 
 NAMES = {
     POLLS: "polls", POLL_FAILURES: "poll_failures", PUMP_EVENTS: "pump_events",
     LINK_CONDITIONS: "link_conditions", RECONNECTS: "reconnects",
     TASK_RESTARTS: "task_restarts", RECORDS: "records", RECORDS_LOST: "records_lost",
-    SE_ERRORS: "se_errors", MEM_FREE_MIN: "mem_free_min", MEM_PEAK: "mem_peak",
+    SE_ERRORS: "se_errors", MEM_CODE: "mem_code", MEM_LIVE_MAX: "mem_live_max",
+    MEM_HIGH: "mem_high",
 }
 
 

@@ -126,7 +126,7 @@ class RecordEncoder:
                 e.uint(values[letter])
         return self._tail(t)
 
-    def coded(self, kind, seq, t, code, detail=-1):
+    def coded(self, seq, t, kind, code, detail=-1):
         """A LINK condition or a MODULE event: a code and an optional number."""
         e = self._head(kind, seq, 2 if detail >= 0 else 1)
         e.uint(_L_CODE)

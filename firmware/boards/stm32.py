@@ -40,3 +40,13 @@ def watchdog(cfg):
     if cfg["watchdog_ms"] <= 0:
         return None
     return machine.WDT(timeout=cfg["watchdog_ms"])
+
+
+def modem_netif(cfg):
+    """The LTE-M modem on its UART, brought up with AT commands then PPP (network.PPP)."""
+    import network
+
+    from drivers.radio.ltem import ModemPpp
+
+    uart = machine.UART(cfg["modem_uart"], 115200, timeout=0, rxbuf=_UART_RXBUF)
+    return ModemPpp(uart, cfg["modem_apn"], network.PPP)

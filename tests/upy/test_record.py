@@ -40,11 +40,11 @@ def test_pump_event_keeps_only_sent_variables_in_label_order():
 
 def test_link_condition_and_module_event():
     enc = record.RecordEncoder()
-    got = bytes(enc.coded(record.KIND_LINK, 3, 2, 4, 0x32))
+    got = bytes(enc.coded(3, 2, record.KIND_LINK, 4, 0x32))
     # A5 | 00 03 kind | 01 03 seq | 0E 04 code | 0F 18 32 detail=0x32 | 22 02 time
     if got != unhexlify("a5000301030e040f18322202"):
         raise AssertionError(got.hex())
-    got = bytes(enc.coded(record.KIND_MODULE, 1, 2, record.MOD_BOOT))
+    got = bytes(enc.coded(1, 2, record.KIND_MODULE, record.MOD_BOOT))
     # A4 | 00 06 | 01 01 | 0E 01 boot | 22 02  (no detail)
     if got != unhexlify("a4000601010e012202"):
         raise AssertionError(got.hex())

@@ -34,7 +34,7 @@ def add_arguments(p):
     p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
     p.add_argument("--poll-ms", type=int, default=1000, help="firmware poll period")
     p.add_argument("--status-every", type=int, default=5, help="status record at least every s")
-    p.add_argument("--heap", default="64K", help="MicroPython heap size (board-sized)")
+    p.add_argument("--heap", default="256K", help="MicroPython heap size (-X heapsize)")
     p.add_argument("--workdir", default=str(REPO / "build" / "bench"))
     p.add_argument("--json-summary", metavar="FILE", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live record lines")
@@ -172,10 +172,15 @@ class Stats:
                 print("#%-5d %s%s" % (rec["seq"], records.describe(rec), check), flush=True)
         elif line.startswith("SUMMARY "):
             self.firmware = json.loads(line[8:])
-        elif line.startswith(("E ", "Traceback")):
+        elif line.startswith(("I ", "D ")):
+            if not quiet and line.startswith("I app:"):
+                print("firmware: " + line, flush=True)
+        elif line.startswith("W "):
+            if not quiet:
+                print("firmware: " + line, flush=True)
+        else:
+            # Errors, tracebacks and anything unexpected: always shown, kept for the summary.
             self.errors.append(line)
-            print("firmware: " + line, flush=True)
-        elif not quiet and line.startswith("W "):
             print("firmware: " + line, flush=True)
 
     def summary(self, rc, sim_final):
@@ -191,7 +196,10 @@ class Stats:
             "volume_mismatches": len(self.volume_mismatch),
             "last_status_volume_ml": (self.last_status or {}).get("volume", 0) / 1000,
             "simulator_volume_ml": sim_final["volume"] / 1000,
-            "peak_heap_bytes": fw.get("mem_peak"),
+            "heap_code_bytes": fw.get("mem_code"),
+            "heap_live_max_bytes": fw.get("mem_live_max"),
+            "heap_working_bytes": (fw["mem_live_max"] - fw["mem_code"]) if fw else None,
+            "heap_high_bytes": fw.get("mem_high"),
             "firmware_health": fw,
             "firmware_errors": self.errors[:20],
         }
@@ -212,7 +220,9 @@ def print_summary(s):
           % (s["volume_checked"], s["volume_mismatches"]))
     print("  volume delivered     module %.3f ml, simulator %.3f ml (at the end)"
           % (s["last_status_volume_ml"], s["simulator_volume_ml"]))
-    print("  firmware peak heap   %s bytes" % s["peak_heap_bytes"])
+    print("  firmware heap        %s bytes live at most (%s of it code loaded from .mpy, "
+          "%s working); %s with garbage" % (s["heap_live_max_bytes"], s["heap_code_bytes"],
+                                           s["heap_working_bytes"], s["heap_high_bytes"]))
     if s["firmware_errors"]:
         print("  firmware errors      %d (first: %s)" % (len(s["firmware_errors"]),
                                                        s["firmware_errors"][0]))

@@ -1,0 +1,139 @@
+# Where a record is sealed and stored: the sink of firmware/app.py's Recorder.
+#
+#   record (CBOR, firmware/record.py)
+#     -> seal: COSE_Encrypt0, AES-CCM, the epoch's record key (firmware/seal.py)
+#     -> checkpoint chain (firmware/checkpoint.py): every N objects or T minutes, a COSE_Sign1
+#        signed by the secure element over the hash chain of the sealed objects
+#     -> outbox append (firmware/outbox.py): durable before put() returns
+#
+# At start(), a new epoch (firmware/epoch.py: one-way counter, ephemeral key, ECDH, keys) and
+# its signed epoch record, object 0 of the epoch, go to the outbox first. The plaintext record
+# exists only in RAM. Sequence numbers come from the epoch, one counter for every object; a
+# number is used once even when the outbox refuses the object (then the loss is recorded and
+# reported by a sealed MOD_RECORDS_LOST event: never silent).
+import time
+from micropython import const
+
+from firmware import checkpoint, epoch, log, record, signed
+from firmware import health as H
+from firmware.outbox import KIND_CHECKPOINT, KIND_EPOCH, KIND_RECORD, OutboxError, OutboxFull
+from firmware.seal import OVERHEAD_MAX
+
+_log = log.Logger("seal")
+
+KIND_EVENT = const(3)  # outbox kind of a sealed module event (firmware/outbox.py, link format)
+_CERT_KNOWN = "cert_known"  # marker: the server has acked an epoch record with our certificate
+
+
+class SealingSink:
+    def __init__(self, se, ident, outbox, health, data_dir, checkpoint_n, checkpoint_ms):
+        self.se = se
+        self.ident = ident
+        self.outbox = outbox
+        self.health = health
+        self.data_dir = data_dir
+        self.cp_n = checkpoint_n
+        self.cp_ms = checkpoint_ms
+        self.ep = None
+        self.cp = None
+        self._out = bytearray(record.RECORD_MAX + OVERHEAD_MAX)
+        self._enc = record.RecordEncoder(48)  # the overflow event
+
+    async def start(self):
+        """New epoch, its record stored. Raises EpochError (the caller retries)."""
+        ident = self.ident
+        server_pub = await self.se.read(ident.server_key_zone, ident.server_key_offset,
+                                        ident.server_key_length)
+        ep = await epoch.start(self.se, ident.device_id.encode(), bytes(server_pub),
+                               ident.epoch_counter_zone)
+        if self._cert_known():
+            unprotected = signed.unprotected_x5t(await self._cert())
+        else:
+            unprotected = signed.unprotected_x5chain(await self._cert())
+        self.ep = ep
+        self.cp = checkpoint.Checkpointer(ep, self.cp_n, self.cp_ms)
+        self._store(KIND_EPOCH, 0, ep.record(unprotected))
+        self._report_overflow()  # a loss recorded before the reboot is reported now
+        _log.info("epoch %d started (certificate by %s)", ep.number,
+                  "reference" if self._cert_known() else "value")
+        return ep
+
+    async def _cert(self):
+        if not hasattr(self, "_cert_der"):
+            self._cert_der = await self.se.read_certificate(self.ident.cert_zone)
+        return self._cert_der
+
+    def _cert_known(self):
+        import os
+
+        try:
+            os.stat(self.data_dir + "/" + _CERT_KNOWN)
+            return True
+        except OSError:
+            return False
+
+    def note_cert_known(self):
+        """Called once the server has acknowledged an epoch record that carried the
+        certificate: later epochs send it by reference."""
+        if not self._cert_known() and self.outbox.is_acked(self.ep.number, 0):
+            with open(self.data_dir + "/" + _CERT_KNOWN, "w") as f:
+                f.write("1")
+
+    # -- the sink interface (firmware/app.py Recorder) -------------------------------------
+
+    def next_seq(self):
+        return self.ep.next_seq()
+
+    async def put(self, kind, seq, cbor):
+        n = self.ep.sealer.seal(seq, cbor, self._out)
+        sealed = memoryview(self._out)[:n]
+        if self._store(KIND_RECORD, seq, sealed):
+            self.cp.add(seq, sealed)
+        if self.cp.due():
+            await self._checkpoint()
+
+    async def _checkpoint(self):
+        seq = self.ep.next_seq()
+        try:
+            obj = await self.cp.checkpoint(self.se, seq)
+        except Exception as e:  # noqa: BLE001 - a secure-element failure: named, counted
+            if isinstance(e, MemoryError):
+                raise
+            self.health.count(H.SE_ERRORS)
+            _log.error("checkpoint %d not signed: %s %s", seq, type(e).__name__, e)
+            return
+        self._store(KIND_CHECKPOINT, seq, obj)
+
+    def _store(self, kind, seq, data):
+        """Append one object; a refusal is counted and reported, never raised to the app."""
+        try:
+            self.outbox.append(kind, self.ep.number, seq, data)
+            return True
+        except OutboxFull as e:
+            self.health.count(H.RECORDS_LOST)
+            _log.error("outbox full (%s): object %d of epoch %d not stored", e.reason, seq,
+                       self.ep.number)
+        except OutboxError as e:
+            self.health.count(H.RECORDS_LOST)
+            _log.error("outbox error %s %s: object %d not stored", e.reason, e.detail, seq)
+        self._report_overflow()
+        return False
+
+    def _report_overflow(self):
+        """Seal and store the event that names what the outbox could not keep (it may use the
+        outbox's reserve). If even that fails, the loss stays recorded and is reported at the
+        next refusal or at the next boot's first store."""
+        ov = self.outbox.overflow
+        if ov is None:
+            return
+        seq = self.ep.next_seq()
+        ev = self._enc.coded(seq, int(time.time()), record.KIND_MODULE, record.MOD_RECORDS_LOST,
+                             ov[4])
+        n = self.ep.sealer.seal(seq, ev, self._out)
+        try:
+            self.outbox.append(KIND_EVENT, self.ep.number, seq, memoryview(self._out)[:n],
+                               covers=ov)
+            _log.warn("reported %d objects lost (epoch %d seq %d .. epoch %d seq %d)",
+                      ov[4], ov[0], ov[1], ov[2], ov[3])
+        except OutboxError as e:
+            _log.error("loss report not stored either: %s", e.reason)
