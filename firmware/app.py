@@ -102,10 +102,13 @@ class App:
     async def _status_record(self):
         now = time.ticks_ms()
         due = time.ticks_diff(now, self._last_status_ms) >= self.cfg["status_every_s"] * 1000
-        if self._have_last and 0 <= self.status.volume < self.last.volume:
+        reset = self._have_last and 0 <= self.status.volume < self.last.volume
+        if reset:
+            # The pump's counter went down (reset or power cycle): say so, with the volume it
+            # had reached, and record the new baseline at once.
             await self.rec.emit(record.KIND_MODULE, self.rec.enc.coded, record.KIND_MODULE,
                                 record.MOD_VOLUME_RESET, self.last.volume)
-        if not self._have_last or due or self._changed():
+        if reset or not self._have_last or due or self._changed():
             await self.rec.emit(record.KIND_STATUS, self.rec.enc.status, self.status)
             self._remember()
             self._last_status_ms = now
