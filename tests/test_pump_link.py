@@ -124,6 +124,9 @@ def test_connect_identify_poll_matches_the_model(bench):
     assert probe.cmd("log 2") == {"log": {}}
     st = assert_clean_link(sim, probe)
     assert not any(st["counters"].values()), st["counters"]
+    stats = sim.snapshot()["stats"]
+    assert stats["request_before_ack"] == 0  # every reply ACKed before the next request
+    assert stats["acks_received"] == stats["replies_sent"] + stats["events_sent"]
     probe.quit()
 
 

@@ -126,6 +126,9 @@ _DC_SETTLE_MS = const(1000)  # spec: DC, "wait 1 s before the next command" (R)
 # (10 bits a byte) takes 45 ms; 5x that leaves room for scheduling on the host and the pty.
 _FRAME_GAP_MS = const(250)
 _IO_BACKOFF_MS = const(50)  # driver choice: pause after EOF/I/O error so the reader cannot spin
+# Reply wait granularity: a 60-char reply takes 31 ms on the wire at 19200 7E1; 2 ms more
+# latency is nothing, and the wait allocates nothing (see _exchange).
+_REPLY_POLL_MS = const(2)
 
 # Read-only allow-list: the only commands encode_frame() builds. "E" is the host's event
 # confirmation (spec: "confirms with the frame <addr>E"). Nothing that changes the therapy.
@@ -394,8 +397,7 @@ class FKBaseLink(Pump):
         self._reply_n = -1  # -1: no reply yet for the current request
         self._nak = 0  # error byte of a NAK received for the current request
         self._waiting = False
-        self._reply_flag = asyncio.Event()
-        self._tx_lock = asyncio.Lock()  # one writer at a time on the stream
+        self._tx_lock = asyncio.Lock()  # one writer at a time on the stream, FIFO
         self._confirm = encode_frame(self._addr, b"E")
         self._not_before = time.ticks_ms()
         self._task = None
@@ -430,22 +432,31 @@ class FKBaseLink(Pump):
                     i = n
                     self._report(COND_INTERNAL, {"exc": repr(e)})
                 if rx.out_n:
-                    await self._flush_rx()
+                    k = rx.out_n
+                    rx.out_n = 0
+                    try:
+                        await self._write(rx.out_mv[:k])
+                    except OSError:
+                        pass  # the line is gone; the requests will time out and say so
             rx.flush_noise()
 
-    async def _flush_rx(self):
-        rx = self._rx
-        n = rx.out_n
-        rx.out_n = 0
-        try:
-            await self._write(rx.out_mv[:n])
-        except OSError:
-            pass  # the line is gone; the requests will time out and say so
-
     async def _write(self, data):
-        async with self._tx_lock:
-            self._stream.write(data)
-            await self._stream.drain()
+        # One writer at a time on the stream (two tasks in drain() at once break asyncio's
+        # I/O queue), in FIFO order: the reader queued with an ACK gets the stream before the
+        # requester's next frame, so the pump always sees its reply ACKed first. Not `async
+        # with`: that allocates ~400 bytes a use, acquire()/release() half of it.
+        await self._tx_lock.acquire()
+        try:
+            stream = self._stream
+            stream.write(data)
+            # asyncio's Stream.write() writes at once what the device takes and keeps only the
+            # rest in out_buf; drain() (a coroutine: it allocates) is needed only then. A
+            # stream without out_buf is always drained. drain() ends: a UART empties at the
+            # baud rate, and a pty whose peer is gone fails with OSError.
+            if getattr(stream, "out_buf", True):
+                await stream.drain()
+        finally:
+            self._tx_lock.release()
 
     # --- receive handlers (called from FKReceiver.feed) ----------------------------------
     def _rx_ack(self):
@@ -455,7 +466,6 @@ class FKBaseLink(Pump):
         self._report(COND_NAK, {"err": err})
         if self._waiting and self._reply_n < 0 and not self._nak:
             self._nak = err
-            self._reply_flag.set()
 
     def _rx_frame(self, buf, start, end):
         rx = self._rx
@@ -472,7 +482,6 @@ class FKBaseLink(Pump):
                     r[j] = buf[k]
                     j += 1
                 self._reply_n = j
-                self._reply_flag.set()
             else:
                 self._report(COND_BAD_REPLY, {"why": "unexpected"})
         elif c == 0x45:  # 'E': spontaneous event
@@ -500,16 +509,19 @@ class FKBaseLink(Pump):
             await asyncio.sleep_ms(d)
         self._reply_n = -1
         self._nak = 0
-        self._reply_flag.clear()
         self._waiting = True
         try:
             try:
                 await self._write(frame)
             except OSError:
                 return _R_TIMEOUT  # the line is gone: as good as no reply
-            await asyncio.wait_for_ms(self._reply_flag.wait(), _REPLY_TIMEOUT_MS)
-        except asyncio.TimeoutError:
-            return _R_TIMEOUT
+            # Poll the reader's result every _REPLY_POLL_MS up to the deadline: unlike
+            # asyncio.wait_for_ms (about 1 KB a call), this allocates nothing.
+            deadline = time.ticks_add(time.ticks_ms(), _REPLY_TIMEOUT_MS)
+            while self._reply_n < 0 and not self._nak and not self._closed:
+                if time.ticks_diff(deadline, time.ticks_ms()) <= 0:
+                    return _R_TIMEOUT
+                await asyncio.sleep_ms(_REPLY_POLL_MS)
         finally:
             self._waiting = False
         if self._closed:
@@ -521,7 +533,6 @@ class FKBaseLink(Pump):
     def close(self):
         """Stop the reader and fail any request in progress; the stream is the caller's."""
         self._closed = True
-        self._reply_flag.set()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
         self._task = None
@@ -582,12 +593,15 @@ class FKBasePump(FKBaseLink):
     async def poll(self, status):
         """LE;<poll ids>: clear status and fill it (-1 = not reported). Raises PumpTimeout,
         PumpRefused, PumpDisconnected or PumpError(COND_BAD_REPLY)."""
-        async with self._lock:
+        await self._lock.acquire()  # not `async with`: it allocates ~400 bytes a use
+        try:
             n = await self._command(self._f_poll)
             status.clear()
             if not parse_status(self._reply, 1, n, status, self._varmap):
                 self._report(COND_BAD_REPLY, {"why": "LE"})
                 raise PumpError(COND_BAD_REPLY, {"cmd": b"LE"})
+        finally:
+            self._lock.release()
 
     async def read_log(self, index):
         """LH;nn: event-log entry `index` (PARAMS log_first..log_last) as {var letter: int}

@@ -137,6 +137,7 @@ async def test_spec_example_exchange_byte_for_byte():
     task = asyncio.create_task(pump.run())
     ident = await pump.connect()
     assert ident.device_type == "APPLIX"
+    await settle(line)  # the reader's ACK of the last reply
     # H->P DC, then our ACK of 1C; LF;b (after the 1 s); ACK of C;bAPPLIX; DE; ACK
     expect = (
         b"\x02" + b"1DC" + b"47" + b"\x03" + ACK
@@ -148,6 +149,7 @@ async def test_spec_example_exchange_byte_for_byte():
     line.scan = 0
     st = base.PumpStatus()
     await pump.poll(st)
+    await settle(line)
     assert bytes(line.tx) == b"\x02" + b"1LE;durvta" + b"6C" + b"\x03" + ACK, bytes(line.tx)
     # 125.0 ml/h, running, 100.000 ml delivered, dose 1000 ml, 432 min left, no alarm
     assert (st.rate, st.state, st.volume, st.dose, st.remaining, st.alarms) == (
@@ -189,6 +191,7 @@ async def test_spec_example_exchange_byte_for_byte():
         raise AssertionError("no PumpRefused")
     except base.PumpRefused as e:
         assert e.code == 0x12 and e.kind == base.COND_REFUSED
+    await settle(line)
     assert bytes(line.tx) == b"\x02" + b"1LH;01" + b"9E" + b"\x03" + ACK
     refused = _link_events(pump, base.COND_REFUSED)
     assert len(refused) == 1 and refused[0].values["code"] == 0x12
@@ -374,3 +377,36 @@ async def test_received_nak_6_is_retried_once_other_naks_fail_at_once():
             assert not ok and len(sent) == 1, (err, sent)
         pump.close()
         task.cancel()
+
+
+def test_receive_and_parse_of_a_poll_reply_allocate_nothing():
+    # The per-byte receive path and the status parse work in preallocated buffers: 100 poll
+    # replies (with the pump's ACK before and an ENQ after) leave the heap exactly as it was.
+    import gc
+    import time
+
+    from drivers.pump.fkbase import parse_status
+
+    pump = FKBasePump(FakeLine())
+    rx = pump._rx
+    mv = memoryview(bytearray(ACK + frame(b"1C;d4E2;u2;r186A0;vF4240;t1B0;a0;y64;z1") + b"\x05"))
+    st = base.PumpStatus()
+
+    def once():
+        pump._waiting = True
+        pump._reply_n = -1
+        rx.feed(mv, 0, len(mv), time.ticks_ms())
+        assert rx.out_n == 2  # ACK of the reply, DC4 for the ENQ
+        rx.out_n = 0
+        st.clear()
+        if not parse_status(pump._reply, 1, pump._reply_n, st, pump._varmap):
+            raise AssertionError("parse")
+
+    once()
+    gc.collect()
+    a0 = gc.mem_alloc()
+    for _ in range(100):
+        once()
+    grown = gc.mem_alloc() - a0
+    assert grown == 0, grown
+    assert (st.rate, st.volume, st.battery, st.power) == (1250, 100000, 100, 1)

@@ -228,6 +228,7 @@ class PumpSimulator:
             "enq_unanswered": 0,
             "dc4_latency_ms": [],
             "early_commands": 0,
+            "request_before_ack": 0,
             "bytes_discarded": 0,
         }
 
@@ -432,6 +433,8 @@ class PumpSimulator:
             return
         cmd = payload.split(b";")[0].decode("latin-1")
         st["commands"][cmd] += 1
+        if self._out is not None and self._out["kind"] == "reply":
+            st["request_before_ack"] += 1  # the host did not ACK our reply first
         if self._chance("nak6"):
             st["naks_sent"]["6"] += 1
             self._write(bytes([NAK]) + ERR_NOT_READY, now)
