@@ -5,6 +5,8 @@
     serene deploy      compile the firmware with mpy-cross and copy it to a board with mpremote
     serene provision   create CA, server identity and each module's identity in its STSAFE
     serene stsafe-emu  run the STSAFE-A110 emulator behind the I2C bridge
+    serene server      run the medical server's ingest (private Mosquitto, SQLite, acks)
+    serene report      print the completeness ledger per device (table or --json)
 
 Each command is one row of COMMANDS: its module provides `add_arguments(parser)` and
 `run(args)`. Errors meant for the user are raised as CliError and printed as `serene: message`.
@@ -26,6 +28,8 @@ COMMANDS = {
     "deploy": ("deploy", "compile the firmware and copy it to a board with mpremote"),
     "provision": ("stsafe.provision", "create CA, server identity and each module's identity"),
     "stsafe-emu": ("stsafe.emu_cli", "run the STSAFE-A110 emulator behind the I2C bridge"),
+    "server": ("server.cli", "run the medical server's ingest (broker, verification, ledger)"),
+    "report": ("server.report", "print the completeness ledger per device (table or --json)"),
 }
 
 

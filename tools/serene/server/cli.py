@@ -1,0 +1,96 @@
+"""serene server: the medical server's ingest, on a private Mosquitto or an existing broker.
+
+    serene server --home DIR [--broker-port PORT] [--duration S] [-v]
+
+DIR is the provisioning home (serene provision): the server's key, the CA and registry.json.
+Without --broker-port it starts the private Mosquitto of serene.broker for the registered
+devices (accounts and ACLs under DIR/broker/, its port written to DIR/broker/broker.json for
+the modules and the bench); with it, it connects to that loopback broker with the server
+account of DIR/broker/credentials.json. The database is DIR/server/ingest.sqlite3; `serene
+report --home DIR` reads it, also while the server runs.
+"""
+
+import json
+import logging
+import signal
+import threading
+import time
+
+from ..cli import CliError
+
+
+def add_arguments(p):
+    p.add_argument("--home", required=True, help="provisioning home (serene provision)")
+    p.add_argument("--broker-port", type=int, default=0,
+                   help="use the broker already listening on this loopback port")
+    p.add_argument("--tls", action="store_true", help="private broker: add a TLS listener")
+    p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: Ctrl-C)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every reject")
+
+
+def load_verifier(home):
+    from ..verifier import from_home
+
+    try:
+        return from_home(home)
+    except FileNotFoundError as e:
+        raise CliError("%s is not provisioned (%s): run serene provision --home %s"
+                       % (home, e.filename, home)) from None
+    except (ValueError, KeyError) as e:
+        raise CliError("%s: cannot load the server identity or registry: %s" % (home, e)) \
+            from None
+
+
+def run(args):
+    import pathlib
+
+    from .. import broker as B
+    from .ingest import Ingest
+    from .service import IngestService
+    from .store import Store, StoreError, db_path
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname).1s %(name)s: %(message)s")
+    home = pathlib.Path(args.home)
+    verifier = load_verifier(home)
+    devices = sorted(verifier.certs)
+    brk = None
+    try:
+        if args.broker_port:
+            port = args.broker_port
+            creds = B.ensure_credentials(home, devices)["server"]
+        else:
+            brk = B.Broker(home, devices, tls=args.tls).start()
+            port, creds = brk.port, brk.server_credentials()
+            info = {"host": "127.0.0.1", "port": brk.port, "tls_port": brk.tls_port}
+            (brk.dir / "broker.json").write_text(json.dumps(info, indent=2) + "\n")
+    except B.BrokerError as e:
+        raise CliError(str(e)) from None
+
+    def make_ingest():
+        return Ingest(load_verifier(home), Store(db_path(home)))
+
+    try:
+        svc = IngestService(make_ingest, port, creds["username"], creds["password"]).start()
+    except (RuntimeError, StoreError) as e:
+        if brk:
+            brk.stop()
+        raise CliError(str(e)) from None
+    print("serene server: %d registered devices, broker 127.0.0.1:%d, database %s"
+          % (len(devices), port, db_path(home)), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *a: stop.set())
+    try:
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.is_set():
+            if deadline and time.monotonic() >= deadline:
+                break
+            stop.wait(0.2)
+    finally:
+        svc.stop()
+        if brk:
+            brk.stop()
+    print("serene server: stopped; %d uplinks processed, %d acks sent, %d dropped (queue full)"
+          % (svc.processed, svc.acks_sent, svc.dropped), flush=True)
+    return 0

@@ -1,0 +1,244 @@
+"""The ingest: one uplink payload in; objects verified, stored once, ledgered; sealed acks out.
+
+    ingest = Ingest(verifier, store)          # serene.verifier.Verifier, server.store.Store
+    acks = ingest.handle(topic, payload)      # -> [(down topic, sealed ack bytes)], never raises
+
+Every module is untrusted input. handle() names every refusal in the ledger (store.rejects) and
+goes on: a payload that is not a link frame ("bad frame"), an entry of an unknown kind, a
+fragment that contradicts earlier ones, an object whose seal or signature does not verify
+(the verifier's reasons: forged, unknown epoch, bad certificate, wrong device, ...), an
+object whose authenticated identity is not the one the frame claims ("identity mismatch",
+"kind mismatch"), a device with no registered certificate ("unregistered device"). The same
+bytes again (a retransmission, or a replay) are a duplicate: counted, nothing else changes.
+A different authentic object under a known identity is refused ("conflict": it would mean a
+nonce reused by the module) and the first one is kept.
+
+The device is named by the topic `serene/<id>/up`, which the broker's ACL lets only <id>'s
+account publish to; the seals bind the same id (AAD, signed payloads).
+
+An ack goes back after each frame that carried at least one authentic object (new or
+duplicate): (cum, bitmap) over the objects stored for the frame's epoch, plus the sequence
+numbers a verified checkpoint proves were never sealed, sealed under the device's current
+epoch. Its Partial IV is committed to the database before the ack is returned.
+"""
+
+import logging
+import re
+import time
+import traceback
+
+from .. import linkframe, records
+from ..linkframe import LinkFrameError
+from ..verifier import VerifyError
+from ..verifier import protocol as vp
+
+log = logging.getLogger("serene.server")
+
+#: Link frame kinds (docs/link-format.md) and what the verifier must find in each.
+KINDS = {0: "epoch", 1: "record", 2: "checkpoint", 3: "event"}
+OPENED_AS = {0: "epoch", 1: "record", 2: "checkpoint", 3: "record"}
+#: No radio's MTU is above this (LTE-M 1024); a longer uplink is refused before parsing.
+MAX_FRAME = 4096
+TOPIC_RE = re.compile(r"^serene/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/up$")
+
+
+def device_from_topic(topic):
+    m = TOPIC_RE.match(topic) if isinstance(topic, str) else None
+    return m.group(1) if m else None
+
+
+def down_topic(device):
+    return "serene/%s/down" % device
+
+
+class Ingest:
+    def __init__(self, verifier, store, clock=time.time, max_frame=MAX_FRAME):
+        self.v = verifier
+        self.store = store
+        self.clock = clock
+        self.max_frame = max_frame
+        self.reassembly = {}  # device -> linkframe.Reassembler (fragments survive no restart)
+        self.restore()
+
+    def restore(self):
+        """Re-derive the keys of every stored epoch and restore its ack counter."""
+        for dev, ep, record, piv in self.store.epochs():
+            try:
+                ctx = self.v.accept_epoch(dev, record)
+            except VerifyError as e:
+                log.warning("stored epoch %s/%d no longer verifies: %s", dev, ep, e)
+                continue
+            ctx.next_ack_piv = max(ctx.next_ack_piv, piv)
+
+    # --- entry point -----------------------------------------------------------------------
+
+    def handle(self, topic, payload):
+        """Process one uplink; return the acks to publish. Never raises: an unexpected error
+        is logged, rolled back and recorded as an "internal error" reject."""
+        payload = bytes(payload)
+        dev = device_from_topic(topic)
+        try:
+            return self._handle(topic, dev, payload)
+        except Exception as e:  # noqa: BLE001 - the server must outlive any input
+            log.error("internal error on %r: %s\n%s", topic, e, traceback.format_exc())
+            try:
+                self.store.rollback()
+                self.store.add_reject(dev or "?", "internal error", repr(e)[:300],
+                                      payload=payload, now=self.clock())
+                self.store.commit()
+            except Exception:  # noqa: BLE001 - the database itself failed: logged above
+                log.exception("cannot record the internal error")
+            return []
+
+    def _reject(self, dev, reason, detail="", epoch=None, seq=None, kind=None, payload=None):
+        log.info("reject %s %s/%s/%s: %s %s", dev, KINDS.get(kind, kind), epoch, seq, reason,
+                 detail)
+        self.store.add_reject(dev, reason, detail, epoch, seq, KINDS.get(kind, kind), payload,
+                              now=self.clock())
+
+    def _handle(self, topic, dev, payload):
+        st = self.store
+        if dev is None:
+            self._reject("?", "bad topic", repr(topic)[:100], payload=payload)
+            st.commit()
+            return []
+        st.count(dev, "frames")
+        if dev not in self.v.certs and not self.v.accept_unregistered:
+            self._reject(dev, "unregistered device", payload=payload)
+            st.commit()
+            return []
+        if len(payload) > self.max_frame:
+            self._reject(dev, "frame too long", "%d bytes" % len(payload), payload=payload)
+            st.commit()
+            return []
+        try:
+            frame = linkframe.parse(payload)
+        except LinkFrameError as e:
+            self._reject(dev, "bad frame", str(e), payload=payload)
+            st.commit()
+            return []
+        authentic = False
+        for e in frame.entries:
+            if e.kind not in KINDS:
+                self._reject(dev, "unknown kind", "kind %d" % e.kind, frame.epoch, e.seq,
+                             e.kind, e.data)
+                continue
+            obj = self._reassemble(dev, frame.epoch, e)
+            if obj is not None and self._object(dev, frame.epoch, e.seq, e.kind, obj):
+                authentic = True
+        st.commit()
+        if not authentic:
+            return []
+        ack = self._ack(dev, frame.epoch)
+        return [] if ack is None else [(down_topic(dev), ack)]
+
+    # --- objects ---------------------------------------------------------------------------
+
+    def _reassemble(self, dev, epoch, e):
+        if not e.fragment:
+            return e.data
+        r = self.reassembly.setdefault(dev, linkframe.Reassembler())
+        key = (epoch, e.seq)
+        if key not in r.partial and len(r.partial) >= r.max_partial:
+            r.partial.pop(next(iter(r.partial)))  # evict the oldest: never wedge reassembly
+            self.store.count(dev, "fragments_evicted")
+        try:
+            obj = r.feed(epoch, e)
+        except LinkFrameError as err:
+            # Drop what was gathered: a genuine retransmission then starts clean.
+            r.partial.pop(key, None)
+            self._reject(dev, "bad fragment", str(err), epoch, e.seq, e.kind, e.data)
+            return None
+        # Forget completion, so a later copy is reassembled again and counted as a duplicate.
+        r.done.discard(key)
+        return obj
+
+    def _object(self, dev, epoch, seq, kind, obj):
+        """Verify and store one object; True if it is authentic (new or duplicate)."""
+        st = self.store
+        now = self.clock()
+        existing = st.get_object(dev, epoch, seq)
+        if existing is not None and existing[1] == obj:
+            st.add_duplicate(dev, epoch, seq, now)
+            st.count(dev, "duplicates")
+            return True
+        try:
+            opened = self.v.verify_object(dev, obj, epoch=epoch)
+        except VerifyError as ve:
+            self._reject(dev, ve.reason, ve.detail, epoch, seq, kind, obj)
+            return False
+        if opened.epoch != epoch or opened.seq != seq:
+            self._reject(dev, "identity mismatch", "frame says %d/%d, sealed %d/%d"
+                         % (epoch, seq, opened.epoch, opened.seq), epoch, seq, kind, obj)
+            return False
+        if opened.kind != OPENED_AS[kind]:
+            self._reject(dev, "kind mismatch", "frame says %s, object is %s"
+                         % (KINDS[kind], opened.kind), epoch, seq, kind, obj)
+            return False
+        if existing is not None:
+            if opened.kind == "epoch":
+                # The same epoch record with its certificate by value instead of by reference
+                # (the verifier checked the signed part is identical).
+                st.add_duplicate(dev, epoch, seq, now)
+                st.count(dev, "duplicates")
+                return True
+            self._reject(dev, "conflict", "another authentic object is stored as %d/%d"
+                         % (epoch, seq), epoch, seq, kind, obj)
+            return False
+        st.count(dev, "objects")
+        if opened.kind == "epoch":
+            st.add_object(dev, epoch, 0, "epoch", obj, now=now)
+            st.add_epoch(dev, epoch, obj, now)
+        elif opened.kind == "checkpoint":
+            st.add_object(dev, epoch, seq, "checkpoint", obj, now=now)
+            st.add_checkpoint(dev, epoch, seq, opened.first_seq, opened.count, opened.chain,
+                              now=now)
+        else:
+            fields, err = None, None
+            try:
+                fields = records.decode(opened.plaintext)
+            except records.RecordError as re_:
+                # Authentic, so stored and acknowledged (or the module would resend it
+                # forever); flagged for a person to look at.
+                err = str(re_)
+                st.count(dev, "undecodable")
+            st.add_object(dev, epoch, seq, KINDS[kind], obj, opened.plaintext, fields, err,
+                          now=now)
+        self._check_pending(dev, epoch)
+        return True
+
+    def _check_pending(self, dev, epoch):
+        """Check every pending checkpoint of the epoch whose covered objects are all here."""
+        st = self.store
+        for cp_seq, first, count in st.pending_checkpoints(dev, epoch):
+            stored = st.sealed_in_range(dev, epoch, first, cp_seq)
+            if len(stored) < count:
+                continue
+            cp = self.v.verify_checkpoint(dev, st.get_object(dev, epoch, cp_seq)[1])
+            try:
+                self.v.check_checkpoint(cp, stored)
+            except VerifyError as ve:
+                st.set_checkpoint_state(dev, epoch, cp_seq, "mismatch", ve.detail, self.clock())
+                self._reject(dev, "checkpoint mismatch", ve.detail, epoch, cp_seq, 2)
+                log.error("CHECKPOINT MISMATCH %s epoch %d seq %d: %s", dev, epoch, cp_seq, ve)
+            else:
+                st.set_checkpoint_state(dev, epoch, cp_seq, "verified", None, self.clock())
+
+    # --- acks ----------------------------------------------------------------------------
+
+    def _ack(self, dev, epoch):
+        st = self.store
+        seqs = set(st.seqs(dev, epoch))
+        if 0 not in seqs:
+            return None  # no epoch record yet: the module sends it before anything else
+        for cp_seq, first, count, state in st.db.execute(
+                "SELECT seq, first_seq, count, state FROM checkpoints WHERE device=? AND "
+                "epoch=? AND state='verified'", (dev, epoch)):
+            seqs |= set(range(first, cp_seq))  # stored, or proven never sealed
+        cum, bitmap = vp.ack_from_seqs(seqs)
+        current = self.v.current_epoch(dev)
+        ack = self.v.seal_ack(dev, epoch, cum, bitmap, epoch=current)
+        st.set_next_ack_piv(dev, current, self.v.epoch(dev, current).next_ack_piv)
+        st.count(dev, "acks")
+        st.commit()
+        return ack

@@ -1,0 +1,120 @@
+"""serene report: the completeness ledger, per device, as a table or as JSON.
+
+    serene report --home DIR [--json] [--device ID]
+
+Reads DIR/server/ingest.sqlite3 read-only (the server may be running). Every registered device
+is listed, received anything or not, and every device that sent anything (an unregistered one
+shows registered: false). Per device and epoch: objects received (as ranges of sequence
+numbers), gaps (missing sequence numbers up to the highest received), sequence numbers a
+verified checkpoint proves were never sealed, duplicates, checkpoints by state; per device:
+rejects by reason with the most recent ones, the last checkpoint verified, and `complete`.
+The exit status is 0; with --check it is 1 when any registered device is incomplete.
+"""
+
+import json
+import time
+
+from ..cli import CliError
+
+
+def add_arguments(p):
+    p.add_argument("--home", required=True, help="provisioning home of the server")
+    p.add_argument("--json", action="store_true", help="print the ledger as JSON")
+    p.add_argument("--device", help="only this device")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if a registered device has gaps or a checkpoint mismatch")
+
+
+def registered_devices(home):
+    import pathlib
+
+    path = pathlib.Path(home) / "registry.json"
+    if not path.exists():
+        return []
+    try:
+        return sorted(json.loads(path.read_text()).get("devices", {}))
+    except ValueError as e:
+        raise CliError("%s is not JSON: %s" % (path, e)) from None
+
+
+def ledger(home, device=None):
+    from .store import Store, StoreError, db_path
+
+    try:
+        store = Store(db_path(home), readonly=True)
+    except StoreError as e:
+        raise CliError(str(e)) from None
+    try:
+        if device:
+            reg = registered_devices(home)
+            return {device: store.device_ledger(device, device in reg)}
+        return store.ledger(registered_devices(home))
+    finally:
+        store.close()
+
+
+def _ranges(rs, limit=6):
+    if not rs:
+        return "-"
+    parts = ["%d" % a if a == b else "%d-%d" % (a, b) for a, b in rs[:limit]]
+    if len(rs) > limit:
+        parts.append("... (%d ranges)" % len(rs))
+    return ",".join(parts)
+
+
+def table(led):
+    head = ("DEVICE", "EPOCH", "OBJECTS", "RECEIVED", "GAPS", "DUPS", "CHECKPOINTS", "REJECTS",
+            "STATUS")
+    rows = [head]
+    for dev, d in led.items():
+        rej = ",".join("%s:%d" % kv for kv in sorted(d["rejects"].items())) or "-"
+        status = "complete" if d["complete"] else (
+            "NOTHING RECEIVED" if not d["epochs"] else "INCOMPLETE")
+        if d["checkpoint_mismatches"]:
+            status = "CHECKPOINT MISMATCH"
+        if not d["registered"]:
+            status = "UNREGISTERED"
+        if not d["epochs"]:
+            rows.append((dev, "-", "0", "-", "-", "0", "-", rej, status))
+        for i, e in enumerate(d["epochs"]):
+            cps = e["checkpoints"]
+            rows.append((
+                dev if i == 0 else "",
+                str(e["epoch"]),
+                str(e["objects"]),
+                _ranges(e["received"]),
+                _ranges(e["gaps"]) + (" (%d)" % e["missing"] if e["missing"] else ""),
+                str(e["duplicates"]),
+                "%d ok/%d pending/%d bad" % (cps["verified"], cps["pending"], cps["mismatch"]),
+                rej if i == 0 else "",
+                status if i == 0 else "",
+            ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for dev, d in led.items():
+        cp = d["last_checkpoint"]
+        if cp:
+            lines.append("%s: last checkpoint verified: epoch %d seq %d (covers %d-%d, %d "
+                         "objects) at %s" % (dev, cp["epoch"], cp["seq"], cp["first_seq"],
+                                             cp["seq"] - 1, cp["count"], _when(cp["verified_at"])))
+        for r in d["recent_rejects"][:5]:
+            lines.append("%s: rejected %s: %s%s (%s bytes)" % (
+                dev, _when(r["at"]), r["reason"], ": " + r["detail"] if r["detail"] else "",
+                r["size"]))
+    return "\n".join(lines)
+
+
+def _when(t):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def run(args):
+    led = ledger(args.home, args.device)
+    if args.json:
+        print(json.dumps({"devices": led, "generated_at": time.time()}, indent=2,
+                         sort_keys=True))
+    else:
+        print(table(led))
+    if args.check and any(d["registered"] and not d["complete"] for d in led.values()):
+        return 1
+    return 0
