@@ -1,0 +1,129 @@
+"""`serene server` and `serene report` as a person runs them, and the whole uplink path:
+LTE-M radio on the unix port -> private Mosquitto -> ingest -> sealed ack -> the radio.
+
+The module side is test_server.FakeModule (objects made in CPython from the provisioned
+identity) carried by the real radio driver (tests/upy/ltem_drive.py) or by a paho client
+with the device's broker account.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from serene import broker as B
+from serene.stsafe.provision import provision
+from test_ltem import Drive
+from test_server import DEV, DEV2, EPOCH, K_EPOCH, K_RECORD, FakeModule
+
+SERENE = [sys.executable, "-m", "serene"]
+
+
+def serene(*args, check=True, timeout=60):
+    res = subprocess.run(SERENE + list(args), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError("serene %s exited %d\n%s%s" % (args, res.returncode, res.stdout,
+                                                            res.stderr))
+    return res
+
+
+@pytest.fixture
+def server(tmp_path, procs):
+    """`serene server --home H` running on its private broker; yields (home, broker info)."""
+    home = tmp_path / "home"
+    provision(home, [DEV, DEV2])
+    p = subprocess.Popen(SERENE + ["server", "--home", str(home), "--duration", "120"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(p)
+    line = p.stdout.readline()
+    assert line.startswith("serene server:"), line + p.stderr.read()
+    info = json.loads((home / "broker" / "broker.json").read_text())
+    yield home, info, p
+
+
+def device_probe(home, info, dev=DEV):
+    creds = B.ensure_credentials(home, [])["devices"][dev]
+    p = B.Probe(info["port"], creds["username"], creds["password"])
+    assert p.subscribe("serene/%s/down" % dev) == 1
+    return p
+
+
+def stop(p):
+    p.terminate()
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 0, err
+    return out
+
+
+def test_server_cli_acks_over_mqtt_and_report_shows_the_ledger(server):
+    home, info, proc = server
+    m = FakeModule(home, DEV)
+    with device_probe(home, info) as dev:
+        dev.publish("serene/%s/up" % DEV, m.frame((K_EPOCH, 0, m.new_epoch())))
+        topic, ack = dev.get(10)
+        assert topic == "serene/%s/down" % DEV and m.open_ack(ack)[1:] == (EPOCH, 0, 0)
+        dev.publish("serene/%s/up" % DEV, os.urandom(40))  # garbage: rejected, no answer
+        recs = {s: m.record(s) for s in (1, 2, 3, 5)}
+        dev.publish("serene/%s/up" % DEV, m.frame(*[(K_RECORD, s, r) for s, r in recs.items()]))
+        topic, ack = dev.get(10)
+        assert m.open_ack(ack)[1:] == (EPOCH, 3, 0b1)  # 0..3, and 5 = cum + 2 + bit 0
+        dev.publish("serene/%s/up" % DEV, m.frame((K_RECORD, 2, recs[2])))  # resent
+        assert m.open_ack(dev.get(10)[1])[1:] == (EPOCH, 3, 0b1)
+        assert dev.get(0.3) is None  # the garbage got no answer
+
+    out = serene("report", "--home", str(home), "--json").stdout
+    led = json.loads(out)["devices"]
+    d = led[DEV]
+    assert d["registered"] and not d["complete"]
+    assert d["objects"] == 5 and d["duplicates"] == 1
+    assert d["epochs"][0]["received"] == [[0, 3], [5, 5]]
+    assert d["epochs"][0]["gaps"] == [[4, 4]]
+    assert d["rejects"] == {"bad frame": 1}
+    assert d["recent_rejects"][0]["size"] == 40
+    assert led[DEV2]["registered"] and led[DEV2]["objects"] == 0 and not led[DEV2]["complete"]
+
+    table = serene("report", "--home", str(home)).stdout
+    assert "DEVICE" in table and "GAPS" in table
+    row = next(line for line in table.splitlines() if line.startswith(DEV + " "))
+    assert "0-3,5" in row and "INCOMPLETE" in row and "bad frame:1" in row
+    assert "NOTHING RECEIVED" in next(l for l in table.splitlines() if l.startswith(DEV2))
+    assert serene("report", "--home", str(home), "--check", check=False).returncode == 1
+
+    out = stop(proc)
+    assert "3 acks sent" in out and "4 uplinks processed" in out
+
+
+def test_report_and_server_errors_are_named(tmp_path):
+    res = serene("report", "--home", str(tmp_path), check=False)
+    assert res.returncode == 1 and res.stderr.startswith("serene: no database")
+    res = serene("server", "--home", str(tmp_path), "--duration", "1", check=False)
+    assert res.returncode == 1 and "not provisioned" in res.stderr
+
+
+def test_ltem_radio_through_the_server_and_back(upy, procs, tmp_path, server):
+    """The real radio driver carries a module's frames to the ingest and its acks back."""
+    home, info, proc = server
+    m = FakeModule(home, DEV)
+    creds = B.ensure_credentials(home, [])["devices"][DEV]
+    drv = Drive(upy, procs, tmp_path, dict(
+        device_id=DEV, host="127.0.0.1", port=info["port"], user=creds["username"],
+        password=creds["password"], io_timeout_ms=1000, backoff_min_ms=100,
+        backoff_max_ms=500, keepalive_s=30, tick_ms=20))
+    assert drv.expect("STATE", 10) == "up"
+    frames = [m.frame((K_EPOCH, 0, m.new_epoch())),
+              m.frame(*[(K_RECORD, s, m.record(s)) for s in range(1, 21)])]
+    assert len(frames[1]) <= 1024
+    for i, f in enumerate(frames):
+        drv.cmd("send %d %s" % (i, f.hex()))
+        assert drv.expect("SENT %d" % i) == ""
+        drv.cmd("recv 5000")
+        ack = bytes.fromhex(drv.expect("RECV"))
+        assert m.open_ack(ack)[1:] == (EPOCH, [0, 20][i], 0)
+    drv.quit()
+    led = json.loads(serene("report", "--home", str(home), "--json",
+                            "--device", DEV).stdout)["devices"][DEV]
+    assert led["complete"] and led["objects"] == 21 and led["rejected"] == 0
+    stop(proc)
