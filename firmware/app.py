@@ -82,6 +82,7 @@ class App:
         self._last_status_ms = 0
         self._restarts = []
         self._was_connected = False
+        self._reidentify = False  # the driver reopened the session: who is there now?
 
     # -- records ---------------------------------------------------------------------------
 
@@ -143,6 +144,11 @@ class App:
         await self._connect()
         while True:
             started = time.ticks_ms()
+            if self._reidentify:
+                # The driver reopened the session by itself (the pump lost it: a power cycle,
+                # or a silence): identify again, since another pump may now be on the line.
+                self._reidentify = False
+                await self._connect()
             try:
                 await self.pump.poll(self.status)
                 self.health.count(H.POLLS)
@@ -169,6 +175,8 @@ class App:
                 await self.rec.emit(record.KIND_PUMP_EVENT, self.rec.enc.pump_event, ev.values)
             else:
                 self.health.count(H.LINK_CONDITIONS)
+                if ev.code == api.COND_RECONNECTED:
+                    self._reidentify = True
                 _log.warn("pump link: %s %s", api.cond_name(ev.code), ev.values)
                 detail = -1
                 for v in ev.values.values():

@@ -176,3 +176,17 @@ async def test_sequence_numbers_follow_production_order():
     t.cancel()
     seqs = [r[1] for r in sink.records]
     assert seqs == list(range(1, len(seqs) + 1)), seqs
+
+
+async def test_session_reopened_by_the_driver_makes_the_app_identify_the_pump_again():
+    pump = FakePump([RUNNING])
+    a, sink = make(pump)
+    t = asyncio.create_task(a.run())
+    await asyncio.sleep_ms(40)
+    pump.push(api.PumpEvent(api.EV_LINK, api.COND_RECONNECTED, {"cause": 0}, 0))
+    await asyncio.sleep_ms(60)
+    t.cancel()
+    idents = [r[16] for r in sink.records if r[0] == record.KIND_IDENTITY]
+    assert idents == ["APPLIX/S1/1.0", "APPLIX/S2/1.0"], idents
+    mods = [r[14] for r in sink.records if r[0] == record.KIND_MODULE]
+    assert record.MOD_PUMP_RECONNECTED in mods

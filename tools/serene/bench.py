@@ -141,6 +141,7 @@ class Stats:
         self.records = collections.Counter()
         self.link = collections.Counter()
         self.module = collections.Counter()
+        self.alarm_records = 0  # status or event records that carry a non-zero alarm mask
         self.volume_checked = 0
         self.volume_mismatch = []
         self.last_status = None
@@ -159,6 +160,8 @@ class Stats:
                 self.link[rec.get("condition")] += 1
             if rec["kind"] == "module":
                 self.module[rec.get("event")] += 1
+            if rec.get("alarms"):
+                self.alarm_records += 1
             check = ""
             if rec["kind"] == "status" and "volume" in rec:
                 self.volume_checked += 1
@@ -192,6 +195,7 @@ class Stats:
             "pump_link_conditions": dict(self.link),
             "module_events": dict(self.module),
             "sequence_gaps": _gaps(self.seqs),
+            "alarm_records": self.alarm_records,
             "volume_checked": self.volume_checked,
             "volume_mismatches": len(self.volume_mismatch),
             "last_status_volume_ml": (self.last_status or {}).get("volume", 0) / 1000,
