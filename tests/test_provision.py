@@ -145,6 +145,10 @@ def test_refuses_what_it_cannot_repair(tmp_path):
         provision(tmp_path, ["SRN-0001"])
     with pytest.raises(ProvisionError, match="bad device id"):
         provision(tmp_path, ["srn 1"])
+    (tmp_path / "server" / "server.key.pem").unlink()  # a certificate is never re-keyed
+    with pytest.raises(ProvisionError, match="exists without its key"):
+        provision(tmp_path, ["SRN-0002"])
+    assert not (tmp_path / "server" / "server.key.pem").exists()
 
 
 def test_cli(tmp_path, capsys):

@@ -130,24 +130,31 @@ def _same_key(cert, key):
 # --- CA and server ---
 
 
-def _ensure_ca(home):
-    key_path, cert_path = home / "ca" / "ca.key.pem", home / "ca" / "ca.crt.pem"
+def _key_and_cert(key_path, cert_path, make_cert):
+    """The P-256 key at key_path (made, mode 0600, if absent) and its certificate at
+    cert_path (made by make_cert(key) if absent). A certificate without its key, or not
+    matching it, is an error: nothing is overwritten."""
     if key_path.exists():
         key = _load_key(key_path)
     elif cert_path.exists():
         raise ProvisionError("%s exists without its key %s" % (cert_path, key_path))
     else:
         key = ec.generate_private_key(ec.SECP256R1())
-        (home / "ca").mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _write(key_path, _key_pem(key), 0o600)
     if cert_path.exists():
         cert = _load_cert(cert_path)
         if not _same_key(cert, key):
             raise ProvisionError("%s does not match %s" % (cert_path, key_path))
         return key, cert
+    cert = make_cert(key)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert
+
+
+def _ca_cert(key):
     now = _now()
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(_name(CA_NAME))
         .issuer_name(_name(CA_NAME))
@@ -160,11 +167,9 @@ def _ensure_ca(home):
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
             critical=True,
         )
-        .add_extension(ski, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return key, cert
 
 
 def _issue(ca_key, ca_cert, subject, pub, not_after, usage, serial_number=None):
@@ -190,28 +195,15 @@ def _issue(ca_key, ca_cert, subject, pub, not_after, usage, serial_number=None):
     )
 
 
-def _ensure_server(home, ca_key, ca_cert):
-    key_path, cert_path = home / "server" / "server.key.pem", home / "server" / "server.crt.pem"
-    if key_path.exists():
-        key = _load_key(key_path)
-    elif cert_path.exists():
-        raise ProvisionError("%s exists without its key %s" % (cert_path, key_path))
-    else:
-        key = ec.generate_private_key(ec.SECP256R1())
-        (home / "server").mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write(key_path, _key_pem(key), 0o600)
-    if cert_path.exists():
-        cert = _load_cert(cert_path)
-        if not _same_key(cert, key):
-            raise ProvisionError("%s does not match %s" % (cert_path, key_path))
-        return key, cert
-    now = _now()
-    # Static ECDH key (epochs: ECDH-ES) that also authenticates the server's sealed acks.
-    usage = x509.KeyUsage(False, False, False, False, True, False, False, False, False)
-    cert = _issue(ca_key, ca_cert, SERVER_NAME, key.public_key(),
-                  now.replace(year=now.year + SERVER_YEARS), usage)  # fmt: skip
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return key, cert
+def _server_cert(ca_key, ca_cert):
+    def make(key):
+        now = _now()
+        # Static ECDH key (epochs: ECDH-ES) that also authenticates the server's sealed acks.
+        usage = x509.KeyUsage(False, False, False, False, True, False, False, False, False)
+        not_after = now.replace(year=now.year + SERVER_YEARS)
+        return _issue(ca_key, ca_cert, SERVER_NAME, key.public_key(), not_after, usage)
+
+    return make
 
 
 # --- one module ---
@@ -362,8 +354,14 @@ def provision(home, device_ids):
         if not DEVICE_ID.match(dev):
             raise ProvisionError("bad device id %r (A-Z, 0-9, '-', at most 32)" % dev)
     home.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = _ensure_ca(home)
-    _, server_cert = _ensure_server(home, ca_key, ca_cert)
+    ca_key, ca_cert = _key_and_cert(
+        home / "ca" / "ca.key.pem", home / "ca" / "ca.crt.pem", _ca_cert
+    )
+    _, server_cert = _key_and_cert(
+        home / "server" / "server.key.pem",
+        home / "server" / "server.crt.pem",
+        _server_cert(ca_key, ca_cert),
+    )
     reg_path = home / "registry.json"
     registry = (
         _load_json(reg_path) if reg_path.exists() else {"format": REGISTRY_FORMAT, "devices": {}}
