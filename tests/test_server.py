@@ -375,8 +375,8 @@ def test_database_failure_is_an_internal_error_not_a_crash(home, ingest, monkeyp
     assert one_ack(ingest.handle(up(), m.frame((K_RECORD, 1, m.record(1)))))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(payload=hs.one_of(
     hs.binary(max_size=300),
     # Well-formed frames of random entries: the frame parses, the objects must not.

@@ -2,12 +2,13 @@
 #
 # Copyright (c) the serene-module authors. MIT licence.
 #
-# The radio interface (drivers/radio/base.py): `mtu`, `async send(frame)`, `async recv(timeout_ms)`,
-# `time_on_air_ms(n)`, `is_up()`. Frames go to `serene/<device_id>/up` with QoS 1: send()
-# returns once the broker's PUBACK is in (the frame is at the broker; only the server's sealed
-# ack, which the link layer waits for, says it arrived). The radio subscribes to
-# `serene/<device_id>/down`; what arrives there is queued, as bytes, for the link layer, which
-# hands it to the ack opener. Nothing from a downlink is executed or interpreted here.
+# The radio interface (drivers/radio/base.py): `mtu`, `async send(frame)`,
+# `async recv(timeout_ms)`, `time_on_air_ms(n)`, `is_up()`. Frames go to
+# `serene/<device_id>/up` with QoS 1: send() returns once the broker's PUBACK is in (the frame
+# is at the broker; only the server's sealed ack, which the link layer waits for, says it
+# arrived). The radio subscribes to `serene/<device_id>/down`; what arrives there is queued,
+# as bytes, for the link layer, which hands it to the ack opener. Nothing from a downlink is
+# executed or interpreted here.
 #
 # umqtt.simple (micropython-lib, `.lib/umqtt/simple.py` on the unix port, `mip install
 # umqtt.simple` on the board) has blocking calls only. They are kept from stalling the asyncio

@@ -84,9 +84,9 @@ if sys.implementation.name != "micropython":
                         variant.startswith("umqtt") else n_default
                     counter.reset(payload(size))
                     port = brk.tls_port if variant == "ltem-tls" else brk.port
-                    boot = "import sys\nsys.argv[:] = %r\nimport bench_mqtt\n" % (
-                        ["bench", variant, str(port), creds["username"], creds["password"],
-                         str(n), str(size), str(brk.cert_der)])
+                    argv = ["bench", variant, str(port), creds["username"], creds["password"],
+                            str(n), str(size), str(brk.cert_der)]
+                    boot = "import sys\nsys.argv[:] = %r\nimport bench_mqtt\n" % (argv,)
                     res = upy.run(["-c", boot], heap="64K", code_dir=code, cwd=code,
                                   timeout=600)
                     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
