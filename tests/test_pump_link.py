@@ -314,7 +314,7 @@ def test_pump_stops_answering_then_comes_back(bench):
     )
     sim, probe = bench(scen, speed=20.0)
     connect(probe)
-    got = probe.cmd("polls 14 300", timeout=60)["polls"]
+    got = probe.cmd("polls 30 300 recover", timeout=60)["polls"]
     kinds = [r.get("error", "ok") for r in got]
     # ok..., then time-outs (each poll: 1 s + one retry), then disconnected, then ok again
     first_bad = next(i for i, k in enumerate(kinds) if k != "ok")
@@ -333,18 +333,18 @@ def test_pump_stops_answering_then_comes_back(bench):
 
 
 def test_nak_storm(bench):
-    # From 2 s to 7 s the pump answers every request NAK '6' (receiver not ready).
+    # From 2 s to 5 s the pump answers every request NAK '6' (receiver not ready).
     scen = feed_scenario(
         actions=[
             {"at": 2, "do": "faults", "set": {"nak6": 1.0}},
-            {"at": 4, "do": "alarm", "bits": 1},
-            {"at": 5, "do": "clear_alarm", "bits": 1},
-            {"at": 7, "do": "faults", "set": {"nak6": 0.0}},
+            {"at": 3, "do": "alarm", "bits": 1},
+            {"at": 4, "do": "clear_alarm", "bits": 1},
+            {"at": 5, "do": "faults", "set": {"nak6": 0.0}},
         ]
     )
     sim, probe = bench(scen)
     connect(probe)
-    got = probe.cmd("polls 24 300", timeout=60)["polls"]
+    got = probe.cmd("polls 40 300 recover", timeout=60)["polls"]
     kinds = [r.get("error", "ok") for r in got]
     first_bad = next(i for i, k in enumerate(kinds) if k != "ok")
     # each failed poll = NAK '6', retry, NAK '6'; the third in a row makes it disconnected
@@ -365,7 +365,7 @@ def test_pump_power_cycle(bench):
     connect(probe)
     before = probe.cmd("poll")["status"]
     assert before["volume"] >= 100000
-    got = probe.cmd("polls 12 300", timeout=60)["polls"]
+    got = probe.cmd("polls 30 300 recover", timeout=60)["polls"]
     assert sim.snapshot()["power_cycles"] == 1
     kinds = [r.get("error", "ok") for r in got]
     assert kinds[-1] == "ok", kinds

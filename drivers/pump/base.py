@@ -245,6 +245,8 @@ class Pump:
     def _report(self, code, values=None):
         """Count a link condition and queue it as an EV_LINK event (or count it as dropped)."""
         self.counters[COND_NAMES[code]] += 1
+        if values is None:
+            values = {}
         if self._count == len(self._ring):
             if not self._dropped:
                 self.counters[COND_NAMES[COND_EVENT_OVERFLOW]] += 1

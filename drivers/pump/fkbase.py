@@ -382,14 +382,16 @@ class FKReceiver:
 class FKBaseLink(Pump):
     """The link: the one reader task (run()), writes, and one exchange at a time."""
 
-    def __init__(self, stream, address=b"1", config=None):
+    def __init__(self, stream, address=None, config=None):
         p = dict(PARAMS)
         if config:
             p.update(config)
+        if address is not None:
+            p["address"] = address
         self.params = p
         Pump.__init__(self, p["event_slots"])
         self._stream = stream
-        self._addr = bytes(address)
+        self._addr = bytes(p["address"])
         self._rx = FKReceiver(self, self._addr)
         self._chunk = bytearray(_CHUNK)
         self._chunk_mv = memoryview(self._chunk)
@@ -546,7 +548,10 @@ class FKBasePump(FKBaseLink):
     is reopened with DC (+1 s) and DE when the pump is back, or when it answers I;0D (session
     not open, e.g. after a power cycle), and COND_RECONNECTED says so."""
 
-    def __init__(self, stream, address=b"1", config=None):
+    def __init__(self, stream, address=None, config=None):
+        """stream: an asyncio stream (read side readinto, write, drain) on the pump's UART;
+        address: the pump's ADDR (default PARAMS["address"], b"1"); config: dict overriding
+        PARAMS keys. Then start the reader: asyncio.create_task(pump.run())."""
         FKBaseLink.__init__(self, stream, address, config)
         p = self.params
         a = self._addr
@@ -563,10 +568,11 @@ class FKBasePump(FKBaseLink):
         self.identity = None
 
     async def connect(self):
-        """Open the session (DC, then 1 s), identify (LF) and subscribe to events (DE).
-        Returns a PumpIdentity. Raises PumpError subclasses."""
+        """Open the session (DC, then 1 s), subscribe to events (DE) and identify (LF).
+        Returns a PumpIdentity. Raises PumpError subclasses. Calling it again (e.g. after
+        PumpDisconnected) reopens the session and reports COND_RECONNECTED."""
         async with self._lock:
-            await self._open(0)
+            await self._open(COND_DISCONNECTED if self._down else 0)
             n = await self._command(self._f_ident)
             ident = PumpIdentity()
             i = 1

@@ -3,7 +3,7 @@
 #
 #   micropython pump_probe.py DEVICE [CONFIG_JSON]
 # stdin, one command a line; stdout, one JSON object a line:
-#   connect | poll | polls N GAP_MS | log INDEX | events | wait_event KIND TIMEOUT_MS [COUNT]
+#   connect | poll | polls N GAP_MS [recover] | log INDEX | events | wait_event KIND TIMEOUT_MS [COUNT]
 #   | state | quit
 # A background task drains pump.next_event() into a list that `events` returns (and clears),
 # so the driver's ring never overflows because of the test.
@@ -98,14 +98,20 @@ async def main():
                 out({"status": _status(status), "ms": time.ticks_diff(time.ticks_ms(), t0)})
             elif cmd == "polls":
                 # streamed: one big JSON string would need more heap than the driver itself
+                # polls N GAP_MS [recover]: with `recover`, stop at the first success that
+                # follows a failure (the link came back).
                 sys.stdout.write('{"polls": [')
+                failed = False
                 for k in range(int(words[1])):
                     try:
                         await pump.poll(status)
                         r = {"status": _status(status)}
                     except base.PumpError as e:
                         r = _error(e)
+                        failed = True
                     sys.stdout.write((", " if k else "") + json.dumps(r))
+                    if failed and "status" in r and words[3:] == ["recover"]:
+                        break
                     await asyncio.sleep_ms(int(words[2]))
                 sys.stdout.write("]}\n")
             elif cmd == "log":

@@ -410,3 +410,44 @@ def test_receive_and_parse_of_a_poll_reply_allocate_nothing():
     grown = gc.mem_alloc() - a0
     assert grown == 0, grown
     assert (st.rate, st.volume, st.battery, st.power) == (1250, 100000, 100, 1)
+
+
+async def test_silent_pump_disconnects_then_connect_reports_reconnected():
+    # max_failures 1 (config overrides the (P) table) keeps this short: one poll that times
+    # out twice (1 s + the one retry) makes the pump disconnected.
+    alive = [True]
+
+    def responder(payload):
+        if not alive[0]:
+            return b""
+        if payload == b"LF;bnf":
+            return ACK + frame(b"1C;bAPPLIX;nSN1;f1.0")
+        return ACK + frame(b"1C;d4E2" if payload.startswith(b"LE") else b"1C")
+
+    line = FakeLine(responder=responder)
+    pump = FKBasePump(line, config={"max_failures": 1})
+    task = asyncio.create_task(pump.run())
+    ident = await pump.connect()
+    assert (ident.device_type, ident.serial, ident.firmware) == ("APPLIX", "SN1", "1.0")
+    alive[0] = False
+    st = base.PumpStatus()
+    try:
+        await pump.poll(st)
+        raise AssertionError("poll answered by a silent pump")
+    except base.PumpDisconnected as e:
+        assert e.kind == base.COND_DISCONNECTED
+    conds = [(e.code, e.values) for e in _link_events(pump)]
+    assert conds == [
+        (base.COND_TIMEOUT, {"cmd": b"LE"}),
+        (base.COND_TIMEOUT, {"cmd": b"LE"}),
+        (base.COND_DISCONNECTED, {"failures": 1}),
+    ], conds
+    alive[0] = True
+    await pump.connect()
+    conds = [(e.code, e.values) for e in _link_events(pump)]
+    assert conds == [(base.COND_RECONNECTED, {"cause": base.COND_DISCONNECTED})], conds
+    await pump.poll(st)
+    assert st.rate == 1250
+    assert pump.counters["timeout"] == 2 and pump.counters["reconnected"] == 1
+    pump.close()
+    task.cancel()
