@@ -241,12 +241,24 @@ class App:
         try:
             if run_for_s > 0:
                 await asyncio.sleep(run_for_s)
+                await self._drain(tasks[:3])
             else:
                 await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
             self.summary()
+
+    async def _drain(self, producers):
+        """Bench and tests: stop producing, then let delivery empty the outbox (drain_s)."""
+        for t in producers:
+            t.cancel()
+        if self.delivery is None:
+            return
+        deadline = time.ticks_add(time.ticks_ms(), self.cfg["drain_s"] * 1000)
+        while not self.delivery.drained() and time.ticks_diff(deadline, time.ticks_ms()) > 0:
+            await asyncio.sleep_ms(100)
+        _log.info("drain: outbox %s", "empty" if self.delivery.drained() else "NOT empty")
 
     def summary(self):
         """One machine-readable line for the bench: health counters and peak heap."""

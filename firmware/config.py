@@ -25,6 +25,7 @@ DEFAULTS = {
     "watchdog_ms": 8000,  # stm32 machine.WDT time-out; 0 = off
     "log_level": 20,  # firmware/log.py levels
     "run_for_s": 0,  # stop after this many seconds (bench, tests); 0 = run forever
+    "drain_s": 0,  # after run_for_s: stop polling, deliver what is stored for up to this long
     # identity: the module.json written by provisioning ("" = pump-only mode: records are
     # printed, not sealed; for bench work on the pump link without a secure element)
     "identity": "",

@@ -62,6 +62,10 @@ class Delivery:
         """(name, coroutine function) pairs for the app to run under its guard."""
         return (("radio", self.radio.run), ("link", self.link.run))
 
+    def drained(self):
+        """True when every stored object has been acknowledged."""
+        return self.outbox.next_entry(0) is None
+
     def housekeeping(self):
         """Called by the supervisor once a second."""
         self.sink.note_cert_known()

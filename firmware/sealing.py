@@ -89,6 +89,7 @@ class SealingSink:
         sealed = memoryview(self._out)[:n]
         if self._store(KIND_RECORD, seq, sealed):
             self.cp.add(seq, sealed)
+            _log.debug("seq=%d kind=%s sealed=%d", seq, record.KIND_NAMES[kind], n)
         if self.cp.due():
             await self._checkpoint()
 
