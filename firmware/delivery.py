@@ -32,7 +32,9 @@ class Delivery:
         self.outbox = Outbox(data_dir + "/outbox", cfg["outbox_capacity"],
                              segment_bytes=cfg["outbox_segment"])
         rep = self.outbox.recover()
-        if rep.get("torn_bytes") or rep.get("corrupt_regions") or rep.get("state") != "ok":
+        first_boot = rep.get("state") == "missing" and not rep.get("segments")
+        if rep.get("torn_bytes") or rep.get("corrupt_regions") or not (
+                rep.get("state") == "ok" or first_boot):
             _log.warn("outbox recovered: %s", rep)
         else:
             _log.info("outbox: %d pending objects", rep.get("pending", 0))
