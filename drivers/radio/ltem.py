@@ -443,6 +443,8 @@ class LtemRadio(Radio):
         _dprint("connected to %s:%d", self.host, self.port)
 
     def _connect_socket(self):
+        # A host name costs a DNS lookup that blocks for lwIP's own time-out on the board:
+        # configure the broker by IP address where that matters (the bench uses 127.0.0.1).
         ai = socket.getaddrinfo(self.host, self.port)[0]
         raw = socket.socket(ai[0], socket.SOCK_STREAM)
         try:

@@ -198,6 +198,7 @@ async def test_recv_wakes_when_a_downlink_arrives():
         await asyncio.sleep_ms(30)
         radio._on_message(b"serene/dev-1/down", b"ack")
 
+    assert await radio.recv(0) is None  # timeout_ms = 0 polls (drivers/radio/base.py)
     asyncio.create_task(later())
     assert await radio.recv(2000) == b"ack"
 
