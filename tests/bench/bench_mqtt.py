@@ -108,7 +108,8 @@ if sys.implementation.name != "micropython":
                           "server got %d/%d (%d corrupt)%s"
                           % (variant, size, r["n"], r["rounds"], r["msg_per_s"],
                              r["us_per_msg"], counter.got, total, counter.bad,
-                             "  longest block %d ms" % r["block_max_ms"]
+                             "  longest block %d ms, heap: code %d B, connected radio %d B"
+                             % (r["block_max_ms"], r["heap_code"], r["heap_connected"])
                              if "block_max_ms" in r else ""))
                     if counter.got != total or counter.bad:
                         rc = 1
@@ -119,6 +120,7 @@ if sys.implementation.name != "micropython":
 
 # --- under MicroPython ---------------------------------------------------------------------
 import asyncio
+import gc
 import json
 import time
 
@@ -157,8 +159,12 @@ def bench_umqtt():
 
 
 async def bench_ltem():
+    gc.collect()
+    h0 = gc.mem_alloc()
     from drivers.radio.ltem import LtemRadio
 
+    gc.collect()
+    h1 = gc.mem_alloc()
     kw = {"nodelay": variant != "ltem-nagle"}
     if variant == "ltem-tls":
         with open(cert, "rb") as f:
@@ -169,6 +175,8 @@ async def bench_ltem():
         if radio.is_up():
             break
         await asyncio.sleep_ms(10)
+    gc.collect()
+    h2 = gc.mem_alloc()
     times = []
     for _ in range(ROUNDS):
         t0 = time.ticks_us()
@@ -178,7 +186,11 @@ async def bench_ltem():
     task.cancel()
     await asyncio.sleep_ms(10)
     report(times, {"block_max_ms": radio.stats["block_max_ms"],
-                "send_failures": radio.stats["send_failures"]})
+                "send_failures": radio.stats["send_failures"],
+                # heap in use (gc.mem_alloc after gc.collect): the driver's .mpy code loaded in
+                # RAM (0 when frozen), and the connected radio (socket wrapper, write buffer,
+                # umqtt client, queues, tasks; TLS: the mbedTLS session)
+                "heap_code": h1 - h0, "heap_connected": h2 - h1})
 
 
 if variant.startswith("umqtt"):

@@ -12,6 +12,7 @@
 #   quit             -> "STATS <json>", exit
 # and prints "STATE up" / "STATE down" on every change of is_up().
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -51,7 +52,9 @@ async def watch(radio):
 
 
 def stats(radio):
+    gc.collect()
     d = dict(radio.stats)
+    d["mem_alloc"] = gc.mem_alloc()  # the whole process's heap in use: radio, umqtt, asyncio
     d.update(ticks=ticks, gap_max=gap_max, gap_max_down=gap_max_down, ticks_down=ticks_down,
              backoff_ms=radio.backoff_ms)
     return "STATS " + json.dumps(d)
