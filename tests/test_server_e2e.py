@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,3 +127,34 @@ def test_ltem_radio_through_the_server_and_back(upy, procs, tmp_path, server):
                             "--device", DEV).stdout)["devices"][DEV]
     assert led["complete"] and led["objects"] == 21 and led["rejected"] == 0
     stop(proc)
+
+
+def test_service_resubscribes_after_a_broker_restart(tmp_path):
+    from serene.server.ingest import Ingest
+    from serene.server.service import IngestService
+    from serene.server.store import Store, db_path
+    from serene.verifier import from_home
+
+    home = tmp_path / "home"
+    provision(home, [DEV])
+    with B.Broker(home, [DEV]) as brk:
+        srv = brk.server_credentials()
+        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))), brk.port,
+                            srv["username"], srv["password"]).start()
+        try:
+            m = FakeModule(home, DEV)
+            with device_probe(home, {"port": brk.port}) as dev:
+                dev.publish("serene/%s/up" % DEV, m.frame((K_EPOCH, 0, m.new_epoch())))
+                assert m.open_ack(dev.get(10)[1])[1:] == (EPOCH, 0, 0)
+            brk.stop()
+            deadline = time.monotonic() + 5
+            while svc.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not svc.subscribed.is_set()
+            brk.start()  # same port, same accounts; paho reconnects within its 1 s delay
+            assert svc.subscribed.wait(15)
+            with device_probe(home, {"port": brk.port}) as dev:
+                dev.publish("serene/%s/up" % DEV, m.frame((K_RECORD, 1, m.record(1))))
+                assert m.open_ack(dev.get(10)[1])[1:] == (EPOCH, 1, 0)
+        finally:
+            svc.stop()
