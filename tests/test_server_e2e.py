@@ -158,3 +158,44 @@ def test_service_resubscribes_after_a_broker_restart(tmp_path):
                 assert m.open_ack(dev.get(10)[1])[1:] == (EPOCH, 1, 0)
         finally:
             svc.stop()
+
+
+def test_audit_proves_the_database_at_rest_and_finds_tampering(tmp_path):
+    import sqlite3
+
+    from serene.server.ingest import Ingest
+    from serene.server.store import Store, db_path
+    from serene.verifier import from_home
+
+    home = tmp_path / "home"
+    provision(home, [DEV])
+    ing = Ingest(from_home(home), Store(db_path(home)))
+    m = FakeModule(home, DEV)
+    ing.handle("serene/%s/up" % DEV, m.frame((K_EPOCH, 0, m.new_epoch())))
+    recs = {s: m.record(s) for s in range(1, 7)}
+    ing.handle("serene/%s/up" % DEV, m.frame(*[(K_RECORD, s, r) for s, r in recs.items()],
+                                           (2, 7, m.checkpoint(7, 1, recs))))
+    ing.store.close()
+    res = serene("report", "--home", str(home), "--audit", "--json")
+    a = json.loads(res.stdout)["audit"]
+    assert a["ok"] and (a["epochs"], a["objects"], a["checkpoints"]) == (1, 8, 1)
+
+    db = sqlite3.connect(db_path(home))
+    flipped = bytearray(recs[2])
+    flipped[5] ^= 0x01
+    db.execute("UPDATE objects SET sealed=? WHERE seq=2", (bytes(flipped),))
+    db.execute("UPDATE objects SET fields=replace(fields, '\"rate\": 1250', '\"rate\": 125') "
+               "WHERE seq=3")
+    db.execute("DELETE FROM objects WHERE seq=5")
+    db.commit()
+    db.close()
+    res = serene("report", "--home", str(home), "--audit", check=False)
+    assert res.returncode == 1
+    assert "PROBLEMS" in res.stdout
+    problems = {(p["seq"], p["problem"].split(":")[0]) for p in json.loads(serene(
+        "report", "--home", str(home), "--audit", "--json", check=False).stdout)["audit"][
+        "problems"]}
+    assert (2, "stored record does not verify") in problems
+    assert (3, "stored fields differ from the sealed record") in problems
+    assert any(seq == 7 and what.startswith("checkpoint over 1-6") for seq, what in problems)
+    assert len(problems) == 3

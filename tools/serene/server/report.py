@@ -1,6 +1,6 @@
 """serene report: the completeness ledger, per device, as a table or as JSON.
 
-    serene report --home DIR [--json] [--device ID]
+    serene report --home DIR [--json] [--device ID] [--check] [--audit]
 
 Reads DIR/server/ingest.sqlite3 read-only (the server may be running). Every registered device
 is listed, received anything or not, and every device that sent anything (an unregistered one
@@ -9,6 +9,8 @@ numbers), gaps (missing sequence numbers up to the highest received), sequence n
 verified checkpoint proves were never sealed, duplicates, checkpoints by state; per device:
 rejects by reason with the most recent ones, the last checkpoint verified, and `complete`.
 The exit status is 0; with --check it is 1 when any registered device is incomplete.
+--audit re-verifies everything stored, from the database alone (server/audit.py): exit 1 when
+anything stored is not exactly what a module sealed.
 """
 
 import json
@@ -23,6 +25,9 @@ def add_arguments(p):
     p.add_argument("--device", help="only this device")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a registered device has gaps or a checkpoint mismatch")
+    p.add_argument("--audit", action="store_true",
+                   help="re-verify every stored object and checkpoint from the database with "
+                        "the server key (proof at rest); exit 1 on any discrepancy")
 
 
 def registered_devices(home):
@@ -110,11 +115,21 @@ def _when(t):
 
 def run(args):
     led = ledger(args.home, args.device)
+    out = {"devices": led, "generated_at": time.time()}
+    if args.audit:
+        from . import audit
+        from .cli import load_verifier
+
+        load_verifier(args.home)  # a clear error when the server identity is missing
+        out["audit"] = audit.audit(args.home)
     if args.json:
-        print(json.dumps({"devices": led, "generated_at": time.time()}, indent=2,
-                         sort_keys=True))
+        print(json.dumps(out, indent=2, sort_keys=True))
     else:
         print(table(led))
+        if args.audit:
+            print(audit.text(out["audit"]))
     if args.check and any(d["registered"] and not d["complete"] for d in led.values()):
+        return 1
+    if args.audit and not out["audit"]["ok"]:
         return 1
     return 0
