@@ -199,3 +199,59 @@ def test_audit_proves_the_database_at_rest_and_finds_tampering(tmp_path):
     assert (3, "stored fields differ from the sealed record") in problems
     assert any(seq == 7 and what.startswith("checkpoint over 1-6") for seq, what in problems)
     assert len(problems) == 3
+
+
+def test_web_view_serves_the_ledger_and_escapes_module_data(tmp_path, procs):
+    import re
+    import urllib.error
+    import urllib.request
+
+    import cbor2
+
+    home = tmp_path / "home"
+    provision(home, [DEV, DEV2])
+    p = subprocess.Popen(SERENE + ["server", "--home", str(home), "--http", "0", "--duration",
+                                   "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    procs.append(p)
+    line = p.stdout.readline()
+    url = re.search(r"web view (http://127\.0\.0\.1:\d+/)", line).group(1)
+    info = json.loads((home / "broker" / "broker.json").read_text())
+    m = FakeModule(home, DEV)
+    with device_probe(home, info) as dev:
+        dev.publish("serene/%s/up" % DEV, m.frame((K_EPOCH, 0, m.new_epoch())))
+        dev.get(10)
+        # A log record whose text is markup: shown as text, never as HTML.
+        evil = m.seal(1, cbor2.dumps({0: 5, 1: 1, -3: 7, 16: "<script>alert(1)</script>"}))
+        dev.publish("serene/%s/up" % DEV, m.frame((K_RECORD, 1, evil), (K_RECORD, 3,
+                                                                          m.record(3))))
+        dev.get(10)
+
+    def get(path):
+        with urllib.request.urlopen(url + path.lstrip("/"), timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+
+    status, ctype, body = get("/ledger.json")
+    assert status == 200 and ctype.startswith("application/json")
+    web = json.loads(body)["devices"]
+    report = json.loads(serene("report", "--home", str(home), "--json").stdout)["devices"]
+    for d in (web, report):
+        for led in d.values():
+            led.pop("recent_rejects")
+    assert web == report and web[DEV]["epochs"][0]["gaps"] == [[2, 2]]
+    status, ctype, page = get("/")
+    assert ctype.startswith("text/html") and DEV in page and DEV2 in page
+    assert "nothing received" in page and "incomplete" in page
+    status, _, page = get("/devices/%s" % DEV)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
+    status, _, body = get("/devices/%s.json" % DEV)
+    recs = json.loads(body)["records"]
+    assert [r["seq"] for r in recs] == [1, 3]
+    assert recs[0]["fields"]["text"] == "<script>alert(1)</script>"
+    for bad in ("/devices/SRN-9999", "/devices/..%2f..%2fetc", "/nothing"):
+        try:
+            get(bad)
+            raise AssertionError("served " + bad)
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+    stop(p)

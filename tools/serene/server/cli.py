@@ -1,13 +1,14 @@
 """serene server: the medical server's ingest, on a private Mosquitto or an existing broker.
 
-    serene server --home DIR [--broker-port PORT] [--duration S] [-v]
+    serene server --home DIR [--broker-port PORT] [--tls] [--http PORT] [--duration S] [-v]
 
 DIR is the provisioning home (serene provision): the server's key, the CA and registry.json.
 Without --broker-port it starts the private Mosquitto of serene.broker for the registered
 devices (accounts and ACLs under DIR/broker/, its port written to DIR/broker/broker.json for
 the modules and the bench); with it, it connects to that loopback broker with the server
 account of DIR/broker/credentials.json. The database is DIR/server/ingest.sqlite3; `serene
-report --home DIR` reads it, also while the server runs.
+report --home DIR` reads it, also while the server runs; --http serves the same ledger and the
+decoded records as a small read-only web page on loopback (server/web.py).
 """
 
 import json
@@ -24,6 +25,8 @@ def add_arguments(p):
     p.add_argument("--broker-port", type=int, default=0,
                    help="use the broker already listening on this loopback port")
     p.add_argument("--tls", action="store_true", help="private broker: add a TLS listener")
+    p.add_argument("--http", type=int, metavar="PORT", default=None,
+                   help="serve the read-only web view on 127.0.0.1:PORT (0: a free port)")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: Ctrl-C)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every reject")
 
@@ -76,8 +79,20 @@ def run(args):
         if brk:
             brk.stop()
         raise CliError(str(e)) from None
-    print("serene server: %d registered devices, broker 127.0.0.1:%d, database %s"
-          % (len(devices), port, db_path(home)), flush=True)
+    web = None
+    if args.http is not None:
+        from .web import WebView
+
+        try:
+            web = WebView(home, args.http).start()
+        except OSError as e:
+            svc.stop()
+            if brk:
+                brk.stop()
+            raise CliError("web view on port %d: %s" % (args.http, e)) from None
+    print("serene server: %d registered devices, broker 127.0.0.1:%d, database %s%s"
+          % (len(devices), port, db_path(home),
+             ", web view http://127.0.0.1:%d/" % web.port if web else ""), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *a: stop.set())
@@ -88,6 +103,8 @@ def run(args):
                 break
             stop.wait(0.2)
     finally:
+        if web:
+            web.stop()
         svc.stop()
         if brk:
             brk.stop()
