@@ -255,3 +255,72 @@ def test_web_view_serves_the_ledger_and_escapes_module_data(tmp_path, procs):
         except urllib.error.HTTPError as e:
             assert e.code == 404
     stop(p)
+
+
+def test_firmware_delivery_path_drains_the_outbox_through_the_server(upy, tmp_path):
+    """The product path: STSAFE (emulator) -> firmware epoch/seal/checkpoint -> outbox ->
+    link -> LTE-M radio -> Mosquitto -> ingest -> sealed acks -> the outbox empties; the
+    server holds every object once, its checkpoints verified, nothing rejected."""
+    from serene.i2c_bridge import I2CBridgeServer
+    from serene.server.ingest import Ingest
+    from serene.server.service import IngestService
+    from serene.server.store import Store, db_path
+    from serene.stsafe import profile
+    from serene.stsafe.emulator import StsafeEmulator
+    from serene.verifier import from_home
+
+    n_records = 60
+    home = tmp_path / "home"
+    provision(home, [DEV])
+    emu = StsafeEmulator.load(home / "devices" / DEV / "stsafe.json", time_scale=0,
+                              autosave=False)
+    module = json.loads((home / "devices" / DEV / "module.json").read_text())
+    z = module["zones"]
+    with I2CBridgeServer({profile.I2C_ADDRESS: emu}).start() as bridge, \
+            B.Broker(home, [DEV]) as brk:
+        srv = brk.server_credentials()
+        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))), brk.port,
+                            srv["username"], srv["password"]).start()
+        try:
+            creds = brk.credentials(DEV)
+            cfg = {"port": bridge.port, "mac_key": module["host_mac_key"],
+                   "cipher_key": module["host_cipher_key"], "device_id": DEV,
+                   "counter_zone": z["epoch_counter"]["zone"],
+                   "server_key": [z["server_key"]["zone"], z["server_key"]["offset"]],
+                   "cert_zone": z["certificate"]["zone"], "fast": True,
+                   "dir": str(tmp_path / "outbox"), "records": n_records, "every_n": 16,
+                   "timeout_s": 60,
+                   "radio": {"device_id": DEV, "host": "127.0.0.1", "port": brk.port,
+                             "user": creds["username"], "password": creds["password"],
+                             "backoff_min_ms": 100, "backoff_max_ms": 500}}
+            (tmp_path / "outbox").mkdir()
+            path = tmp_path / "node.json"
+            path.write_text(json.dumps(cfg))
+            # 256 KiB: on the unix port all the code (STSAFE driver, sealing, outbox, link,
+            # radio, umqtt and this script) sits in the heap too; it runs in 192 KiB here.
+            res = upy.run(["tests/upy/ltem_node.py", str(path)], mpy=True, heap="256K",
+                          timeout=120)
+        finally:
+            svc.stop()
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1])
+             for ln in res.stdout.splitlines() if ln.startswith(("SEALED ", "DONE "))}
+    sealed, done = lines["SEALED"], lines["DONE"]
+    assert done["left"] == 0, res.stdout
+    st = Store(db_path(home), readonly=True)
+    try:
+        d = st.device_ledger(DEV)
+        recs = st.records(DEV)
+    finally:
+        st.close()
+    n_cps = (n_records + 15) // 16
+    assert sealed["objects"] == 1 + n_records + n_cps
+    assert d["complete"] and d["rejected"] == 0 and d["checkpoint_mismatches"] == 0
+    (e,) = d["epochs"]
+    assert e["epoch"] == sealed["epoch"] and e["received"] == [[0, n_records + n_cps]]
+    assert e["checkpoints"]["verified"] == n_cps
+    assert e["by_kind"] == {"epoch": 1, "record": n_records, "checkpoint": n_cps}
+    # Every record decoded as the firmware encoded it.
+    assert [(r["fields"]["rate"], r["fields"]["volume"]) for r in recs] == [
+        (1000 + r["seq"], 250 * r["seq"]) for r in recs]
+    assert done["link"]["acks"] >= 1 and done["acks"]["forged"] == 0
+    assert done["radio"]["disconnects"] == 0 and done["link"]["send_errors"] == 0
