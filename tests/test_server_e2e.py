@@ -305,6 +305,7 @@ def test_firmware_delivery_path_drains_the_outbox_through_the_server(upy, tmp_pa
     lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1])
              for ln in res.stdout.splitlines() if ln.startswith(("SEALED ", "DONE "))}
     sealed, done = lines["SEALED"], lines["DONE"]
+    print("delivery:", json.dumps(done))
     assert done["left"] == 0, res.stdout
     st = Store(db_path(home), readonly=True)
     try:
