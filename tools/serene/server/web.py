@@ -182,11 +182,12 @@ class WebView:
         parts.append("</table><h2>Recent rejects</h2><table><tr><th>when</th><th>reason</th>"
                      "<th>detail</th><th>epoch/seq</th><th>bytes</th><th>first bytes</th></tr>")
         for r in d["recent_rejects"]:
-            parts.append("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s/%s</td><td>%s</td>"
+            where = "-" if r["epoch"] is None else "%s/%s" % (r["epoch"], r["seq"])
+            parts.append("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td>"
                          "<td><code>%s</code></td></tr>"
                          % (_e(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))),
-                            _e(r["reason"]), _e(r["detail"]), _e(r["epoch"]), _e(r["seq"]),
-                            _e(r["size"]), _e(r["head"])))
+                            _e(r["reason"]), _e(r["detail"]), _e(where), _e(r["size"]),
+                            _e(r["head"])))
         parts.append("</table><h2>Records (newest %d)</h2><table><tr><th>epoch</th><th>seq"
                      "</th><th>received</th><th>fields</th></tr>" % RECORDS_SHOWN)
         for r in reversed(recs):
