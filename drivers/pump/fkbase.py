@@ -122,9 +122,12 @@ ERR_SESSION_NOT_OPEN = const(0x0D)
 _REPLY_TIMEOUT_MS = const(1000)  # spec: "Reply time-out 1 s" (R)
 _RETRIES = const(1)  # spec: "one retry on NAK '6' or time-out" (R)
 _DC_SETTLE_MS = const(1000)  # spec: DC, "wait 1 s before the next command" (R)
-# Silence inside a frame after which its end counts as lost: a whole 86-byte frame at 19200 7E1
-# (10 bits a byte) takes 45 ms; 5x that leaves room for scheduling on the host and the pty.
-_FRAME_GAP_MS = const(250)
+# Silence inside a frame after which its end counts as lost (so that, e.g., the ENQ the pump
+# sends after 3 s of silence is not taken for a control byte inside a dead frame). A whole
+# 86-byte frame at 19200 7E1 takes 45 ms on the wire, but the gap is measured between the
+# reader's reads, so it also contains the reader's scheduling delay: 2 s stays clear of any
+# busy moment of the application and under the pump's 3 s ENQ interval (spec, (P)).
+_FRAME_GAP_MS = const(2000)
 _IO_BACKOFF_MS = const(50)  # driver choice: pause after EOF/I/O error so the reader cannot spin
 # Reply wait granularity: a 60-char reply takes 31 ms on the wire at 19200 7E1; 2 ms more
 # latency is nothing, and the wait allocates nothing (see _exchange).
@@ -302,9 +305,11 @@ class FKReceiver:
         """Process data[i:end]; return the index reached: end, or less when out is nearly
         full (send out, then call again from there)."""
         if self.state != _S_IDLE and time.ticks_diff(now, self.last) > _FRAME_GAP_MS:
-            # The rest of that frame was lost: its bytes were noise.
+            # The rest of that frame (or the NAK's error byte) was lost: it was noise.
             if self.state == _S_BODY:
                 self.noise += self.n + 1
+            elif self.state == _S_NAK:
+                self.noise += 1
             self.state = _S_IDLE
         self.last = now
         buf = self.buf

@@ -3,8 +3,8 @@
 #
 #   micropython pump_probe.py DEVICE [CONFIG_JSON]
 # stdin, one command a line; stdout, one JSON object a line:
-#   connect | poll | polls N GAP_MS [recover] | log INDEX | events | wait_event KIND TIMEOUT_MS [COUNT]
-#   | state | quit
+#   connect | poll | polls N GAP_MS [recover] | log INDEX | events
+#   | wait_event KIND TIMEOUT_MS [COUNT] | state | quit
 # A background task drains pump.next_event() into a list that `events` returns (and clears),
 # so the driver's ring never overflows because of the test.
 import asyncio
@@ -130,7 +130,8 @@ async def main():
                 want = int(words[3]) if len(words) > 3 else 1
                 t0 = time.ticks_ms()
                 while True:
-                    found = [e for e in events if e["kind"] == words[1] or e.get("cond") == words[1]]
+                    kind = words[1]
+                    found = [e for e in events if e["kind"] == kind or e.get("cond") == kind]
                     if len(found) >= want or time.ticks_diff(deadline, time.ticks_ms()) <= 0:
                         break
                     await asyncio.sleep_ms(2)

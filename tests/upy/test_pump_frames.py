@@ -451,3 +451,26 @@ async def test_silent_pump_disconnects_then_connect_reports_reconnected():
     assert pump.counters["timeout"] == 2 and pump.counters["reconnected"] == 1
     pump.close()
     task.cancel()
+
+
+def test_frame_whose_end_was_lost_is_abandoned_after_the_gap():
+    # The receive core takes the time of each read: no sleeping needed to test the gap rule.
+    import time
+
+    pump = FKBasePump(FakeLine())
+    rx = pump._rx
+    t0 = time.ticks_ms()
+    part = memoryview(b"\x021E;a1")  # the rest of the frame never comes
+    enq = memoryview(b"\x05")
+    rx.feed(part, 0, len(part), t0)
+    rx.feed(enq, 0, 1, time.ticks_add(t0, 1900))  # still inside the frame: a control byte
+    assert bytes(rx.out[: rx.out_n]) == NAK + b"8"
+    rx.out_n = 0
+    rx.feed(part, 0, len(part), time.ticks_add(t0, 2000))
+    rx.feed(enq, 0, 1, time.ticks_add(t0, 4001))  # 2 s of silence: the frame is dead
+    assert bytes(rx.out[: rx.out_n]) == b"\x14"  # the ENQ is answered
+    evs = [(e.code, e.values) for e in _link_events(pump)]
+    assert evs == [
+        (base.COND_CONTROL_IN_FRAME, {"err": ord("8"), "byte": 5}),
+        (base.COND_NOISE, {"n": 6}),
+    ], evs

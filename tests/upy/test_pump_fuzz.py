@@ -167,6 +167,6 @@ async def test_fuzz_receive_path_100k_frames():
         assert c[name] > 100, c
     assert c["bad_reply"] > 100 and c["nak"] > 100, c
     assert line.acks >= len(expected) and line.naks > 1000
-    print("fuzz: %d items, %d bytes, %d valid frames, counters %r" % (items, nbytes, len(expected), c))
+    print("fuzz: %d items, %d bytes, %d valid frames" % (items, nbytes, len(expected)), c)
     consumer.cancel()
     pump.close()

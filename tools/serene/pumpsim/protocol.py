@@ -18,9 +18,9 @@ ERR_LENGTH = b"7"
 ERR_CONTROL = b"8"
 NAK_CODES = b"1245678"
 
-#: Silence inside a frame after which it is abandoned (same reasoning as the driver: a whole
-#: frame at 19200 baud takes 45 ms).
-FRAME_GAP_S = 0.25
+#: Silence inside a frame after which it is abandoned (a whole frame at 19200 baud takes 45 ms;
+#: the rest is room for this thread's scheduling, as in the driver).
+FRAME_GAP_S = 1.0
 
 
 def checksum(body: bytes) -> int:

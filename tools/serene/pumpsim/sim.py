@@ -18,11 +18,9 @@ import tty
 from . import model as m
 from .protocol import (
     ACK,
-    DC4,
     ENQ,
     ERR_NOT_READY,
     NAK,
-    NAK_CODES,
     FrameReceiver,
     encode,
 )
@@ -223,7 +221,6 @@ class PumpSimulator:
             "events_sent": 0,
             "event_resends": 0,
             "events_confirmed": 0,
-            "events_dropped": 0,
             "enq_sent": 0,
             "enq_unanswered": 0,
             "dc4_latency_ms": [],
