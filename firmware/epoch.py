@@ -2,9 +2,10 @@
 # the epoch, and the signed epoch record that announces them. At boot and at every rotation.
 # MIT licence, (c) serene-module authors. Wire format: docs/wire-format.md.
 #
-# 1. Decrement the STSAFE one-way counter zone: the new counter value is the epoch number, so
-#    an epoch number is never used twice, even after a reflash or a power cut (a cut after
-#    the decrement only skips a number).
+# 1. Decrement the STSAFE one-way counter zone: epoch number = 2^32 - 1 - the new counter
+#    value. The counter only goes down, so epoch numbers only go up (the outbox, the link and
+#    the server order epochs by number) and one is never used twice, even after a reflash or
+#    a power cut (a cut after the decrement only skips a number).
 # 2. Generate Key in the ephemeral slot 0xFF (usage limit 1), then Establish Key (ECDH P-256)
 #    with the server's pinned static public key: Z, 32 bytes. The private key never leaves
 #    the chip and is unusable after this one agreement.
@@ -40,6 +41,7 @@ except ImportError:  # a build without the STSAFE driver
 _SE_FAILURES = (_SEError, OSError, ValueError)
 
 EPHEMERAL_SLOT = const(0xFF)
+EPOCH_TOP = const(0xFFFFFFFF)  # epoch = EPOCH_TOP - counter: the counter is 4 bytes
 SERVER_IDENTITY = b"serene-server"
 _KDF_ALG = const(-25)  # ECDH-ES + HKDF-256
 _PROTECTED_KDF = b"\xa1\x01\x38\x18"  # {1: -25}
@@ -155,9 +157,12 @@ async def start(se, device_id, server_pub, counter_zone):
         raise EpochError("input", "server key is not an uncompressed P-256 point")
     device_id = bytes(device_id)
     try:
-        number = await se.decrement(counter_zone, 1)
+        counter = await se.decrement(counter_zone, 1)
     except _SE_FAILURES as e:  # the caller retries a whole start()
         raise EpochError("counter", e)
+    if not 0 <= counter <= EPOCH_TOP:
+        raise EpochError("counter", "value out of range")
+    number = EPOCH_TOP - counter
     try:
         pub = await se.generate_key(EPHEMERAL_SLOT)
     except _SE_FAILURES as e:

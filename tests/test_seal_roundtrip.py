@@ -108,7 +108,8 @@ def test_round_trip_records_checkpoints_acks(chip, home, upy, procs, tmp_path):
     rec = bytes.fromhex(start["record"])
     opened = v.verify_object(DEV, rec)
     assert (opened.kind, opened.epoch, opened.seq) == ("epoch", ep, 0)
-    assert ep == chip.emu.zone(profile.EPOCH_COUNTER_ZONE)["counter"]  # the SE's counter
+    # the epoch number is 2^32 - 1 - the SE's one-way counter
+    assert ep == 2**32 - 1 - chip.emu.zone(profile.EPOCH_COUNTER_ZONE)["counter"]
     stored = {}
     checkpoints = []
     pts = _plaintexts(10)
@@ -273,7 +274,7 @@ def test_replay_under_other_seq_epoch_or_device_is_rejected(chip, home, upy, pro
     v = from_home(home)
     ea = v.verify_object(DEV, rec_a).epoch
     eb = v.verify_object(DEV, rec_b).epoch
-    assert eb == ea - 1  # the counter counts down, never reused
+    assert eb == ea + 1  # the counter counts down, the epoch number up: never reused
     assert v.open_record(DEV, s_a, ea)[1:] == (1, b"\xa1\x00\x01")
     # the same ciphertext under another sequence number
     parsed = protocol.parse_sealed(s_a)

@@ -286,14 +286,14 @@ def test_newer_epoch_acks_older_epochs_objects(home, ingest):
     m = started(home, ingest, epoch=EPOCH)
     old = m.record(1)
     old_keys, old_epoch = m.keys, m.epoch
-    ingest.handle(up(), m.frame((K_EPOCH, 0, m.new_epoch(EPOCH - 1))))  # reboot: new epoch
+    ingest.handle(up(), m.frame((K_EPOCH, 0, m.new_epoch(EPOCH + 1))))  # reboot: new epoch
     # A record of the old epoch still in the outbox: acked under the NEW epoch's key.
     acks = ingest.handle(up(), m.frame((K_RECORD, 1, vp.seal(
         cbor2.dumps({0: 1, 1: 1, -3: 5}), 1, old_keys.record_key, old_keys.record_iv,
         DEV.encode(), old_epoch)), epoch=old_epoch))
     del old
     assert m.open_ack(one_ack(acks))[1:] == (EPOCH, 1, 0)
-    assert [e["epoch"] for e in ledger(ingest)["epochs"]] == [EPOCH, EPOCH - 1]
+    assert [e["epoch"] for e in ledger(ingest)["epochs"]] == [EPOCH + 1, EPOCH]
 
 
 # --- untrusted input ---------------------------------------------------------------------

@@ -273,14 +273,15 @@ async def test_epoch_start_order_and_result():
     se = FakeSE()
     ep = await epoch.start(se, DEV, SERVER, 5)
     assert se.calls == ["decrement", "generate_key", "establish_key", "generate_signature"]
-    assert ep.number == 999 and ep.pub == b"\x03" + bytes(range(32))
+    assert ep.number == 0xFFFFFFFF - 999 and ep.pub == b"\x03" + bytes(range(32))
     assert ep.next_seq() == 1 and ep.next_seq() == 2
     assert cbor.decode(ep.record()).value[2] == ep.payload
-    want = epoch.derive_keys(b"Z" * 32, DEV, 999)
+    number = 0xFFFFFFFF - 999  # the counter after the Decrement was 999
+    want = epoch.derive_keys(b"Z" * 32, DEV, number)
     out = bytearray(64)
     n = ep.sealer.seal(1, b"abc", out)
     buf = bytearray(16)
-    assert seal.Opener(want[0], want[1], DEV, 999).open(out[:n], buf) == (1, 3)
+    assert seal.Opener(want[0], want[1], DEV, number).open(out[:n], buf) == (1, 3)
 
 
 async def test_epoch_start_failures_name_the_step():

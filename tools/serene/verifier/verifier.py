@@ -197,9 +197,9 @@ class Verifier:
         return ctx
 
     def current_epoch(self, device_id: str) -> int | None:
-        """The device's newest known epoch (the counter counts down: the smallest number)."""
+        """The device's newest known epoch (epoch numbers only go up: the largest)."""
         known = [e for (d, e) in self.epochs if d == device_id]
-        return min(known) if known else None
+        return max(known) if known else None
 
     def open_record(self, device_id: str, obj: bytes, epoch: int | None = None):
         """Open a sealed object. `epoch` comes from the frame that carried it, or from the
