@@ -1,17 +1,27 @@
 """serene bench: the whole bench, end to end, on its embedded defaults (the main job).
 
-It starts the pump simulator on a pty, compiles the firmware with mpy-cross as for a board, runs
-it on the MicroPython unix port with a board-sized heap, and shows every record as the module
-produces it, beside what the simulated pump really did. It stops after --duration seconds (or
-Ctrl-C) and prints a summary; --json-summary FILE also writes it as JSON:
-  records (by kind), pump link conditions (by kind), module events, volume check (records whose
-  volume delivered matches the simulator's, to the protocol's 0.001 ml resolution), the
-  firmware's peak heap and its health counters.
+    serene bench [--duration S] [--scenario NAME] [--speed X] [--json-summary FILE] ...
+
+The whole chain, every piece real or a faithful stand-in, all on this machine:
+
+    pump simulator (pty) -> firmware on the MicroPython unix port, compiled by mpy-cross
+    -> STSAFE-A110 emulator behind the I2C bridge (the module's keys and certificate, made by
+    `serene provision` under --workdir/home) -> outbox on flash (a directory) -> LTE-M radio
+    (umqtt.simple) -> Mosquitto (private, per-device accounts and ACLs) -> medical server
+    (verify, store once in SQLite, sealed acks) -> completeness ledger.
+
+It shows live progress once a second (records produced, stored, acknowledged, open gaps), runs
+the feed for --duration seconds, lets the module deliver what it holds (--drain), prints the
+completeness report and checks every status record the server stored against what the
+simulated pump really did. --json-summary FILE writes the figures. --pump-only runs just the
+pump simulator and the firmware, printing the records (no secure element, no delivery).
 """
 
 import collections
+import contextlib
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,23 +31,29 @@ import time
 from . import REPO, records, upy
 from .cli import CliError
 
-#: How far back (s) a status record's reading may lie before the line that prints it: one poll
+#: How far back (s) a status record's reading may lie before the line that reports it: one poll
 #: exchange (1 s reply time-out + one retry, specs/pump-protocol.md) plus scheduling slack.
 READING_WINDOW_S = 3.0
 #: How often the bench samples the simulator's true state (s).
 SAMPLE_PERIOD_S = 0.01
+DEVICE = "SRN-0001"
 
 
 def add_arguments(p):
-    p.add_argument("--duration", type=float, default=30.0, help="seconds to run (0 = Ctrl-C)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of feed (0 = Ctrl-C)")
+    p.add_argument("--drain", type=float, default=30.0,
+                   help="then at most this long for the module to deliver what it stored")
     p.add_argument("--scenario", default="normal-feed", help="pump simulator scenario")
     p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
     p.add_argument("--poll-ms", type=int, default=1000, help="firmware poll period")
     p.add_argument("--status-every", type=int, default=5, help="status record at least every s")
+    p.add_argument("--checkpoint-every", type=int, default=16, help="checkpoint every N records")
     p.add_argument("--heap", default="256K", help="MicroPython heap size (-X heapsize)")
     p.add_argument("--workdir", default=str(REPO / "build" / "bench"))
+    p.add_argument("--fresh", action="store_true", help="forget the module's flash and server DB")
+    p.add_argument("--pump-only", action="store_true", help="pump simulator + firmware only")
     p.add_argument("--json-summary", metavar="FILE", help="write the summary as JSON")
-    p.add_argument("--quiet", action="store_true", help="no live record lines")
+    p.add_argument("--quiet", action="store_true", help="no live lines")
 
 
 class TruthSampler:
@@ -45,12 +61,13 @@ class TruthSampler:
 
     def __init__(self, sim):
         self.sim = sim
-        self.samples = collections.deque(maxlen=100_000)  # (wall time, volume)
+        self.samples = collections.deque(maxlen=200_000)  # (monotonic time, volume)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self):
         self._thread.start()
+        return self
 
     def _run(self):
         last = None
@@ -68,7 +85,7 @@ class TruthSampler:
     def volume_seen(self, volume, at):
         """True if the simulator held exactly `volume` within READING_WINDOW_S before `at`."""
         held = None
-        for t, v in self.samples:
+        for t, v in list(self.samples):
             if t > at:
                 break
             if t >= at - READING_WINDOW_S and v == volume:
@@ -77,57 +94,144 @@ class TruthSampler:
         return held == volume  # the value held when the window opened, unchanged since
 
 
+class FirmwareLog:
+    """Reads the firmware's stdout: records produced, link conditions, errors, SUMMARY."""
+
+    def __init__(self, truth, quiet):
+        self.truth = truth
+        self.quiet = quiet
+        self.produced = collections.Counter()
+        self.link = collections.Counter()
+        self.module = collections.Counter()
+        self.alarm_records = 0
+        self.volume_checked = 0
+        self.volume_mismatch = []
+        self.last_status = None
+        self.status_times = {}  # seq -> when the firmware reported it (sealed mode)
+        self.seqs = []
+        self.firmware = None
+        self.errors = []
+        self.epoch = None
+
+    def line(self, line):
+        now = time.monotonic()
+        if line.startswith("I rec: "):  # pump-only mode: the plaintext record is printed
+            fields = dict(kv.split("=", 1) for kv in line[7:].split())
+            self.record(records.decode(bytes.fromhex(fields["cbor"])), now, show=True)
+        elif line.startswith("D seal: "):  # sealed mode: what was sealed, not its content
+            fields = dict(kv.split("=", 1) for kv in line[8:].split())
+            seq, kind = int(fields["seq"]), fields["kind"]
+            self.seqs.append(seq)
+            self.produced[kind] += 1
+            if kind == "status":
+                self.status_times[seq] = now
+        elif line.startswith("SUMMARY "):
+            self.firmware = json.loads(line[8:])
+        elif line.startswith("I seal: epoch "):
+            self.epoch = int(line.split()[3])
+            self.say("firmware: " + line)
+        elif line.startswith(("I ", "D ")):
+            if line.startswith(("I app:", "I delivery:")):
+                self.say("firmware: " + line)
+        elif line.startswith("W "):
+            self.say("firmware: " + line)
+        else:
+            # Errors, tracebacks and anything unexpected: always shown, kept for the summary.
+            self.errors.append(line)
+            print("firmware: " + line, flush=True)
+
+    def say(self, text):
+        if not self.quiet:
+            print(text, flush=True)
+
+    def record(self, rec, now, show):
+        """A decoded record (pump-only: from the log; sealed: as the server stored it)."""
+        if show:
+            self.seqs.append(rec["seq"])
+            self.produced[rec["kind"]] += 1
+        if rec["kind"] == "link":
+            self.link[rec.get("condition")] += 1
+        if rec["kind"] == "module":
+            self.module[rec.get("event")] += 1
+        if rec.get("alarms"):
+            self.alarm_records += 1
+        check = ""
+        if rec["kind"] == "status" and "volume" in rec and now is not None:
+            self.volume_checked += 1
+            self.last_status = rec
+            if self.truth.volume_seen(rec["volume"], now):
+                check = "  [= simulator]"
+            else:
+                self.volume_mismatch.append(rec["volume"])
+                check = "  [MISMATCH: the simulator never had this volume]"
+        if show:
+            self.say("#%-5d %s%s" % (rec["seq"], records.describe(rec), check))
+
+
 def run(args):
     try:
         from .pumpsim import PumpSimulator
     except ImportError as e:
         raise CliError("pump simulator unavailable: %s" % e) from None
     work = pathlib.Path(args.workdir)
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     mpy = work / "mpy"
     if mpy.exists():
-        import shutil
-
         shutil.rmtree(mpy)
     try:
         upy.compile_tree(mpy)
     except upy.UpyError as e:
         raise CliError(str(e)) from None
 
-    sim = PumpSimulator(scenario=args.scenario, speed=args.speed)
-    sim.start()
-    truth = TruthSampler(sim)
-    truth.start()
-    cfg = {
-        "board": "unix",
-        "pump_device": sim.device_path,
-        "poll_period_ms": args.poll_ms,
-        "status_every_s": args.status_every,
-        "health_period_s": 10,
-        "data_dir": str(work / "flash"),
-        "run_for_s": int(args.duration) if args.duration > 0 else 0,
-    }
-    cfg_path = work / "module.json"
-    cfg_path.write_text(json.dumps(cfg, indent=1))
-    print("bench: pump simulator '%s' at %gx on %s; firmware from .mpy, heap %s"
-          % (args.scenario, args.speed, sim.device_path, args.heap), flush=True)
-    proc = upy.popen([str(mpy / "main.py"), str(cfg_path)], heap=args.heap, code_dir=mpy,
-                     cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                     bufsize=1)
-    stats = Stats()
-    try:
-        for line in proc.stdout:
-            stats.line(line.rstrip("\n"), truth, quiet=args.quiet)
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        for line in proc.stdout:
-            stats.line(line.rstrip("\n"), truth, quiet=True)
-    finally:
-        rc = proc.wait(timeout=30)
-        truth.stop()
+    with contextlib.ExitStack() as stack:
+        sim = PumpSimulator(scenario=args.scenario, speed=args.speed)
+        sim.start()
+        stack.callback(sim.stop)
+        truth = TruthSampler(sim).start()
+        stack.callback(truth.stop)
+        cfg = {
+            "board": "unix",
+            "pump_device": sim.device_path,
+            "poll_period_ms": args.poll_ms,
+            "status_every_s": args.status_every,
+            "health_period_s": 10,
+            "data_dir": str(work / "flash"),
+            "run_for_s": int(args.duration) if args.duration > 0 else 0,
+            "drain_s": int(args.drain),
+        }
+        chain = None if args.pump_only else stack.enter_context(
+            Chain(work, args.checkpoint_every, args.fresh))
+        if chain:
+            cfg.update(chain.module_config())
+        cfg_path = work / "module.json"
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        print("bench: pump simulator '%s' at %gx on %s; firmware from .mpy, heap %s%s"
+              % (args.scenario, args.speed, sim.device_path, args.heap,
+                 "" if chain else "; pump only"), flush=True)
+        if chain:
+            print("bench: STSAFE emulator on I2C bridge :%d, Mosquitto :%d, server database %s"
+                  % (chain.bridge.port, chain.broker.port, chain.db_path), flush=True)
+        fw = FirmwareLog(truth, args.quiet)
+        proc = upy.popen([str(mpy / "main.py"), str(cfg_path)], heap=args.heap, code_dir=mpy,
+                         cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         bufsize=1)
+        progress = Progress(fw, chain, args.quiet).start() if chain else None
+        try:
+            for line in proc.stdout:
+                fw.line(line.rstrip("\n"))
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            for line in proc.stdout:
+                fw.line(line.rstrip("\n"))
+        finally:
+            rc = proc.wait(timeout=60)
+            if progress:
+                progress.stop()
         sim_final = sim.snapshot()
-        sim.stop()
-    summary = stats.summary(rc, sim_final)
+        ledger = chain.finish(fw) if chain else None
+    summary = make_summary(fw, rc, sim_final, ledger)
     print_summary(summary)
     if args.json_summary:
         pathlib.Path(args.json_summary).write_text(json.dumps(summary, indent=2) + "\n")
@@ -136,77 +240,173 @@ def run(args):
     return 0
 
 
-class Stats:
-    def __init__(self):
-        self.records = collections.Counter()
-        self.link = collections.Counter()
-        self.module = collections.Counter()
-        self.alarm_records = 0  # status or event records that carry a non-zero alarm mask
-        self.volume_checked = 0
-        self.volume_mismatch = []
-        self.last_status = None
-        self.firmware = None
-        self.errors = []
-        self.seqs = []
+class Chain:
+    """Provisioning, the STSAFE emulator on the I2C bridge, Mosquitto and the server."""
 
-    def line(self, line, truth, quiet):
-        now = time.monotonic()
-        if line.startswith("I rec: "):
-            fields = dict(kv.split("=", 1) for kv in line[7:].split())
-            rec = records.decode(bytes.fromhex(fields["cbor"]))
-            self.seqs.append(rec["seq"])
-            self.records[rec["kind"]] += 1
-            if rec["kind"] == "link":
-                self.link[rec.get("condition")] += 1
-            if rec["kind"] == "module":
-                self.module[rec.get("event")] += 1
-            if rec.get("alarms"):
-                self.alarm_records += 1
-            check = ""
-            if rec["kind"] == "status" and "volume" in rec:
-                self.volume_checked += 1
-                self.last_status = rec
-                if truth.volume_seen(rec["volume"], now):
-                    check = "  [= simulator]"
-                else:
-                    self.volume_mismatch.append(rec["volume"])
-                    check = "  [MISMATCH: simulator never reported this]"
-            if not quiet:
-                print("#%-5d %s%s" % (rec["seq"], records.describe(rec), check), flush=True)
-        elif line.startswith("SUMMARY "):
-            self.firmware = json.loads(line[8:])
-        elif line.startswith(("I ", "D ")):
-            if not quiet and line.startswith("I app:"):
-                print("firmware: " + line, flush=True)
-        elif line.startswith("W "):
-            if not quiet:
-                print("firmware: " + line, flush=True)
-        else:
-            # Errors, tracebacks and anything unexpected: always shown, kept for the summary.
-            self.errors.append(line)
-            print("firmware: " + line, flush=True)
+    def __init__(self, work, checkpoint_every=16, fresh=False, se_time_scale=1.0):
+        self.home = pathlib.Path(work) / "home"
+        self.checkpoint_every = checkpoint_every
+        self.fresh = fresh
+        self.se_time_scale = se_time_scale
 
-    def summary(self, rc, sim_final):
-        fw = self.firmware or {}
+    def __enter__(self):
+        from . import broker as B
+        from .i2c_bridge import I2CBridgeServer
+        from .server.ingest import Ingest
+        from .server.service import IngestService
+        from .server.store import Store, db_path
+        from .stsafe.emulator import StsafeEmulator
+        from .stsafe.provision import provision
+        from .verifier import from_home
+
+        self._stack = contextlib.ExitStack()
+        try:
+            provision(self.home, [DEVICE])
+            dev = self.home / "devices" / DEVICE
+            self.module_json = dev / "module.json"
+            self.emu = StsafeEmulator.load(dev / "stsafe.json", time_scale=self.se_time_scale)
+            self.bridge = I2CBridgeServer({0x20: self.emu}).start()
+            self._stack.callback(self.bridge.close)
+            self.broker = B.Broker(self.home, [DEVICE]).start()
+            self._stack.callback(self.broker.stop)
+            self.db_path = db_path(self.home)
+            if self.fresh and self.db_path.exists():
+                self.db_path.unlink()
+            creds = self.broker.server_credentials()
+            self.service = IngestService(lambda: Ingest(from_home(self.home), Store(self.db_path)),
+                                         self.broker.port, creds["username"], creds["password"])
+            self.service.start()
+            self._stack.callback(self.service.stop)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+    def module_config(self):
+        creds = self.broker.credentials(DEVICE)
         return {
-            "firmware_exit": rc,
-            "records_produced": sum(self.records.values()),
-            "records_by_kind": dict(self.records),
-            "pump_link_conditions": dict(self.link),
-            "module_events": dict(self.module),
-            "sequence_gaps": _gaps(self.seqs),
-            "alarm_records": self.alarm_records,
-            "volume_checked": self.volume_checked,
-            "volume_mismatches": len(self.volume_mismatch),
-            "last_status_volume_ml": (self.last_status or {}).get("volume", 0) / 1000,
-            "simulator_volume_ml": sim_final["volume"] / 1000,
-            "heap_code_bytes": fw.get("mem_code"),
-            "heap_live_max_bytes": fw.get("mem_live_max"),
-            "heap_working_bytes": (fw["mem_live_max"] - fw["mem_code"]) if fw else None,
-            "heap_high_bytes": fw.get("mem_high"),
-            "firmware_health": fw,
-            "firmware_errors": self.errors[:20],
+            "identity": str(self.module_json),
+            "se_bridge_port": self.bridge.port,
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": self.broker.port,
+            "mqtt_user": creds["username"],
+            "mqtt_password": creds["password"],
+            "checkpoint_every_n": self.checkpoint_every,
+            "log_level": 10,  # the seal lines (seq and kind, never content) feed the live view
         }
+
+    def ledger(self):
+        from .server.store import Store
+
+        store = Store(self.db_path, readonly=True)
+        try:
+            return store.ledger([DEVICE]).get(DEVICE, {})
+        finally:
+            store.close()
+
+    def finish(self, fw):
+        """After the firmware stopped: let the server finish, then check what it stored."""
+        self.service.wait_idle(10)
+        import sqlite3
+
+        db = sqlite3.connect("file:%s?mode=ro" % self.db_path, uri=True)
+        try:
+            rows = db.execute("SELECT epoch, seq, fields FROM objects WHERE device=? AND "
+                              "fields IS NOT NULL", (DEVICE,)).fetchall()
+        finally:
+            db.close()
+        for epoch, seq, fields in sorted(rows):
+            if epoch != fw.epoch:
+                continue  # an earlier run's epoch: not produced by this firmware run
+            rec = json.loads(fields)
+            fw.record(rec, fw.status_times.get(seq), show=False)
+        return self.ledger()
+
+
+class Progress:
+    """One live line a second: produced (firmware), stored / duplicates / gaps (server)."""
+
+    def __init__(self, fw, chain, quiet):
+        self.fw, self.chain, self.quiet = fw, chain, quiet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        if not self.quiet:
+            self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _run(self):
+        while not self._stop.wait(1.0):
+            try:
+                led = self.chain.ledger()
+            except Exception as e:  # noqa: BLE001 - the server may be mid-write
+                led = {"error": str(e)}
+            cur = _epoch_entry(led, self.fw.epoch)
+            print("bench: produced %d  stored %d  acks sent %d  open gaps %d  rejects %d"
+                  % (sum(self.fw.produced.values()), cur.get("objects", 0),
+                     self.chain.service.acks_sent, cur.get("missing", 0),
+                     led.get("rejected", 0)), flush=True)
+
+
+def _epoch_entry(ledger, epoch):
+    for e in (ledger or {}).get("epochs", []):
+        if e.get("epoch") == epoch:
+            return e
+    return {}
+
+
+def make_summary(fw, rc, sim_final, ledger):
+    fwh = fw.firmware or {}
+    out = {
+        "firmware_exit": rc,
+        "records_produced": sum(fw.produced.values()),
+        "records_by_kind": dict(fw.produced),
+        "pump_link_conditions": dict(fw.link),
+        "module_events": dict(fw.module),
+        "sequence_gaps": _gaps(fw.seqs),
+        "alarm_records": fw.alarm_records,
+        "volume_checked": fw.volume_checked,
+        "volume_mismatches": len(fw.volume_mismatch),
+        "last_status_volume_ml": (fw.last_status or {}).get("volume", 0) / 1000,
+        "simulator_volume_ml": sim_final["volume"] / 1000,
+        "heap_code_bytes": fwh.get("mem_code"),
+        "heap_live_max_bytes": fwh.get("mem_live_max"),
+        "heap_working_bytes": (fwh["mem_live_max"] - fwh["mem_code"]) if fwh else None,
+        "heap_high_bytes": fwh.get("mem_high"),
+        "firmware_health": fwh,
+        "firmware_errors": fw.errors[:20],
+    }
+    if ledger is not None:
+        cur = _epoch_entry(ledger, fw.epoch)
+        stored = set()
+        for first, last in cur.get("received", []):
+            stored |= set(range(first, last + 1))
+        out.update({
+            "epoch": fw.epoch,
+            "objects_stored": cur.get("objects", 0),
+            "objects_by_kind": cur.get("by_kind", {}),
+            "records_stored": len(set(fw.seqs) & stored),
+            "records_produced_not_stored": sorted(set(fw.seqs) - stored),
+            "duplicates_received": cur.get("duplicates", 0),
+            "gaps": cur.get("missing", 0),
+            "complete": ledger.get("complete", False),
+            "rejects": ledger.get("rejected", 0),
+            "checkpoints": cur.get("checkpoints", {}),
+            "bytes_sent": fwh.get("link_bytes"),
+            "frames_sent": fwh.get("link_frames"),
+            "retransmissions": fwh.get("link_retransmissions"),
+            "ledger": ledger,
+        })
+    return out
 
 
 def _gaps(seqs):
@@ -218,6 +418,14 @@ def _gaps(seqs):
 def print_summary(s):
     print("\nbench summary")
     print("  records produced     %d  %s" % (s["records_produced"], s["records_by_kind"]))
+    if "objects_stored" in s:
+        print("  server               %d of %d records stored, %d objects in all for epoch %s "
+              "%s; %d gaps, %d duplicates received, %d rejects, checkpoints %s"
+              % (s["records_stored"], s["records_produced"], s["objects_stored"], s["epoch"],
+                 s["objects_by_kind"], s["gaps"], s["duplicates_received"], s["rejects"],
+                 s["checkpoints"]))
+        print("  link                 %s frames, %s bytes, %s retransmissions"
+              % (s["frames_sent"], s["bytes_sent"], s["retransmissions"]))
     print("  pump link conditions %s" % (s["pump_link_conditions"] or "none"))
     print("  module events        %s" % (s["module_events"] or "none"))
     print("  volume check         %d status records, %d mismatches"
