@@ -173,7 +173,7 @@ def run(args):
         from .pumpsim import PumpSimulator
     except ImportError as e:
         raise CliError("pump simulator unavailable: %s" % e) from None
-    work = pathlib.Path(args.workdir)
+    work = pathlib.Path(args.workdir).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
