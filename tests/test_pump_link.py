@@ -10,6 +10,7 @@ import json
 import queue
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -158,6 +159,10 @@ def test_alarm_event_arrives_without_a_poll(bench):
     stats = sim.snapshot()["stats"]
     assert stats["commands"].get("LE", 0) == 0
     assert stats["events_confirmed"] == 1  # ACKed, then confirmed with 1E
+    # keep-alive: after 3 s of silence the pump sends ENQ; the driver answers DC4 in < 100 ms
+    time.sleep(3.3)
+    stats = sim.snapshot()["stats"]
+    assert stats["enq_sent"] >= 1 and len(stats["dc4_latency_ms"]) == stats["enq_sent"], stats
     assert_clean_link(sim, probe)
     probe.quit()
 
