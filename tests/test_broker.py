@@ -137,3 +137,22 @@ def test_tls_listener_serves_the_pinned_certificate(tmp_path):
             pass
         cert = x509.load_der_x509_certificate(b.cert_der.read_bytes())
         assert cert.subject == cert.issuer
+
+
+def test_a_taken_port_is_chosen_again(tmp_path, monkeypatch):
+    # The free port found is taken before Mosquitto binds it (another process won the race).
+    import socket as so
+
+    squat = so.socket()
+    squat.bind(("127.0.0.1", 0))
+    squat.listen()
+    taken = squat.getsockname()[1]
+    ports = iter([taken, B.free_port()])
+    monkeypatch.setattr(B, "free_port", lambda host="127.0.0.1": next(ports))
+    try:
+        with B.Broker(tmp_path, ["dev-a"]) as b:
+            assert b.port != taken and b.running()
+        with pytest.raises(B.BrokerError, match="exited at start"):
+            B.Broker(tmp_path, ["dev-a"], port=taken).start()  # a port asked for: no retry
+    finally:
+        squat.close()

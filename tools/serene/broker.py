@@ -287,6 +287,21 @@ class Broker:
     def start(self):
         if self.running():
             return self
+        # A port chosen here may be taken by someone else before Mosquitto binds it: then
+        # choose again (only ports this object picked itself, and only before a first start).
+        chosen, chosen_tls = self.port is None, self.tls and self.tls_port is None
+        for attempt in range(3):
+            try:
+                return self._start()
+            except BrokerError:
+                if not (chosen or chosen_tls) or attempt == 2:
+                    raise
+                if chosen:
+                    self.port = None
+                if chosen_tls:
+                    self.tls_port = None
+
+    def _start(self):
         conf = self.write_config()
         log = self.dir / "mosquitto.log"
         offset = log.stat().st_size if log.exists() else 0
@@ -301,7 +316,9 @@ class Broker:
                 self.proc = None
                 raise BrokerError("mosquitto exited at start: %s%s" % (
                     err.strip(), self._log_tail(log, offset)))
-            if all(_accepts(p) for p in ports):
+            # Ready = Mosquitto says it runs (so it bound every listener: a port taken by
+            # someone else makes it exit instead) and the ports answer.
+            if self._log_says(log, offset, "running") and all(_accepts(p) for p in ports):
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -331,6 +348,15 @@ class Broker:
 
     def __exit__(self, *exc):
         self.stop()
+
+    @staticmethod
+    def _log_says(log, offset, word):
+        try:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                return any(line.rstrip().endswith(word.encode()) for line in f)
+        except OSError:
+            return False
 
     @staticmethod
     def _log_tail(log, offset):

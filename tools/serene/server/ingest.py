@@ -231,10 +231,8 @@ class Ingest:
         seqs = set(st.seqs(dev, epoch))
         if 0 not in seqs:
             return None  # no epoch record yet: the module sends it before anything else
-        for cp_seq, first, count, state in st.db.execute(
-                "SELECT seq, first_seq, count, state FROM checkpoints WHERE device=? AND "
-                "epoch=? AND state='verified'", (dev, epoch)):
-            seqs |= set(range(first, cp_seq))  # stored, or proven never sealed
+        for first, end in st.verified_ranges(dev, epoch):
+            seqs |= set(range(first, end))  # stored, or proven never sealed
         cum, bitmap = vp.ack_from_seqs(seqs)
         current = self.v.current_epoch(dev)
         ack = self.v.seal_ack(dev, epoch, cum, bitmap, epoch=current)

@@ -160,8 +160,7 @@ class Store:
             "SELECT seq, sealed FROM objects WHERE device=? AND epoch=? AND seq>=? AND seq<? "
             "AND kind IN ('record', 'event')", (device, epoch, first, end))}
 
-    def add_checkpoint(self, device, epoch, seq, first_seq, count, chain, sealed_bytes=None,
-                       now=None):
+    def add_checkpoint(self, device, epoch, seq, first_seq, count, chain, now=None):
         self.db.execute(
             "INSERT OR IGNORE INTO checkpoints (device, epoch, seq, first_seq, count, chain, "
             "state, received_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
@@ -172,6 +171,13 @@ class Store:
         return [tuple(r) for r in self.db.execute(
             "SELECT seq, first_seq, count FROM checkpoints WHERE device=? AND epoch=? "
             "AND state='pending' ORDER BY seq", (device, epoch))]
+
+    def verified_ranges(self, device, epoch):
+        """[(first_seq, end)] of the epoch's verified checkpoints: every seq in
+        first_seq <= s < end is stored or proven never sealed."""
+        return [tuple(r) for r in self.db.execute(
+            "SELECT first_seq, seq FROM checkpoints WHERE device=? AND epoch=? "
+            "AND state='verified'", (device, epoch))]
 
     def set_checkpoint_state(self, device, epoch, seq, state, detail=None, now=None):
         self.db.execute("UPDATE checkpoints SET state=?, detail=?, checked_at=? "
