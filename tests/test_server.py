@@ -406,3 +406,17 @@ def _fuzz_ingest(home_template, tmp_path_factory):
         started(home, ing)
         _FUZZ["ing"] = ing
     return _FUZZ["ing"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(seqs=hs.sets(hs.integers(1, 200), max_size=120), batches=hs.integers(1, 6),
+       seed=hs.integers(0, 2**32))
+def test_incremental_ack_state_agrees_with_ack_from_seqs(seqs, batches, seed):
+    from serene.server.ingest import AckState
+
+    order = sorted(seqs | {0})
+    random.Random(seed).shuffle(order)
+    state = AckState()
+    for i in range(batches):
+        state.add(order[i::batches])
+    assert state.ack() == vp.ack_from_seqs(seqs | {0})

@@ -30,7 +30,6 @@ import traceback
 from .. import linkframe, records
 from ..linkframe import LinkFrameError
 from ..verifier import VerifyError
-from ..verifier import protocol as vp
 
 log = logging.getLogger("serene.server")
 
@@ -40,6 +39,37 @@ OPENED_AS = {0: "epoch", 1: "record", 2: "checkpoint", 3: "record"}
 #: No radio's MTU is above this (LTE-M 1024); a longer uplink is refused before parsing.
 MAX_FRAME = 4096
 TOPIC_RE = re.compile(r"^serene/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/up$")
+
+
+class AckState:
+    """What an ack says about one (device, epoch), kept up to date as objects arrive, so an
+    ack costs the same at the millionth object as at the first. `cum` = the highest seq with
+    every seq 0..cum accounted for (-1: not even the epoch record), `above` = the accounted
+    seqs beyond cum + 1. Gives the same (cum, bitmap) as verifier.protocol.ack_from_seqs."""
+
+    __slots__ = ("cum", "above")
+
+    def __init__(self):
+        self.cum = -1
+        self.above = set()
+
+    def add(self, seqs):
+        cum, above = self.cum, self.above
+        for s in seqs:
+            if s > cum:
+                above.add(s)
+        while cum + 1 in above:
+            cum += 1
+            above.discard(cum)
+        self.cum = cum
+
+    def ack(self, width=64):
+        """(cum, bitmap): bit i = seq cum + 2 + i accounted for (docs/wire-format.md §6)."""
+        bitmap = 0
+        for i in range(width):
+            if self.cum + 2 + i in self.above:
+                bitmap |= 1 << i
+        return self.cum, bitmap
 
 
 def device_from_topic(topic):
@@ -58,6 +88,7 @@ class Ingest:
         self.clock = clock
         self.max_frame = max_frame
         self.reassembly = {}  # device -> linkframe.Reassembler (fragments survive no restart)
+        self._acks = {}  # (device, epoch) -> AckState, loaded from the database when first used
         self.restore()
 
     def restore(self):
@@ -81,6 +112,7 @@ class Ingest:
             return self._handle(topic, dev, payload)
         except Exception as e:  # noqa: BLE001 - the server must outlive any input
             log.error("internal error on %r: %s\n%s", topic, e, traceback.format_exc())
+            self._acks.clear()  # they may be ahead of what was rolled back: reload
             try:
                 self.store.rollback()
                 self.store.add_reject(dev or "?", "internal error", repr(e)[:300],
@@ -204,6 +236,7 @@ class Ingest:
                 st.count(dev, "undecodable")
             st.add_object(dev, epoch, seq, KINDS[kind], obj, opened.plaintext, fields, err,
                           now=now)
+        self._accounted(dev, epoch, (seq,))
         self._check_pending(dev, epoch)
         return True
 
@@ -223,17 +256,28 @@ class Ingest:
                 log.error("CHECKPOINT MISMATCH %s epoch %d seq %d: %s", dev, epoch, cp_seq, ve)
             else:
                 st.set_checkpoint_state(dev, epoch, cp_seq, "verified", None, self.clock())
+                self._accounted(dev, epoch, range(first, cp_seq))
 
     # --- acks ----------------------------------------------------------------------------
 
+    def _ack_state(self, dev, epoch):
+        state = self._acks.get((dev, epoch))
+        if state is None:
+            state = self._acks[(dev, epoch)] = AckState()
+            state.add(self.store.seqs(dev, epoch))
+            for first, end in self.store.verified_ranges(dev, epoch):
+                state.add(range(first, end))  # stored, or proven never sealed
+        return state
+
+    def _accounted(self, dev, epoch, seqs):
+        if (dev, epoch) in self._acks:
+            self._acks[(dev, epoch)].add(seqs)
+
     def _ack(self, dev, epoch):
         st = self.store
-        seqs = set(st.seqs(dev, epoch))
-        if 0 not in seqs:
+        cum, bitmap = self._ack_state(dev, epoch).ack()
+        if cum < 0:
             return None  # no epoch record yet: the module sends it before anything else
-        for first, end in st.verified_ranges(dev, epoch):
-            seqs |= set(range(first, end))  # stored, or proven never sealed
-        cum, bitmap = vp.ack_from_seqs(seqs)
         current = self.v.current_epoch(dev)
         ack = self.v.seal_ack(dev, epoch, cum, bitmap, epoch=current)
         st.set_next_ack_piv(dev, current, self.v.epoch(dev, current).next_ack_piv)
