@@ -243,21 +243,20 @@ def run(args):
 class Chain:
     """Provisioning, the STSAFE emulator on the I2C bridge, Mosquitto and the server."""
 
-    def __init__(self, work, checkpoint_every=16, fresh=False, se_time_scale=1.0):
+    def __init__(self, work, checkpoint_every=16, fresh=False, se_time_scale=1.0, server=True):
         self.home = pathlib.Path(work) / "home"
         self.checkpoint_every = checkpoint_every
         self.fresh = fresh
         self.se_time_scale = se_time_scale
+        self.with_server = server
+        self.service = None
 
     def __enter__(self):
         from . import broker as B
         from .i2c_bridge import I2CBridgeServer
-        from .server.ingest import Ingest
-        from .server.service import IngestService
-        from .server.store import Store, db_path
+        from .server.store import db_path
         from .stsafe.emulator import StsafeEmulator
         from .stsafe.provision import provision
-        from .verifier import from_home
 
         self._stack = contextlib.ExitStack()
         try:
@@ -272,11 +271,9 @@ class Chain:
             self.db_path = db_path(self.home)
             if self.fresh and self.db_path.exists():
                 self.db_path.unlink()
-            creds = self.broker.server_credentials()
-            self.service = IngestService(lambda: Ingest(from_home(self.home), Store(self.db_path)),
-                                         self.broker.port, creds["username"], creds["password"])
-            self.service.start()
-            self._stack.callback(self.service.stop)
+            if self.with_server:
+                self.start_server()
+            self._stack.callback(self.stop_server)
         except BaseException:
             self._stack.close()
             raise
@@ -284,6 +281,22 @@ class Chain:
 
     def __exit__(self, *exc):
         self._stack.close()
+
+    def start_server(self):
+        from .server.ingest import Ingest
+        from .server.service import IngestService
+        from .server.store import Store
+        from .verifier import from_home
+
+        creds = self.broker.server_credentials()
+        self.service = IngestService(lambda: Ingest(from_home(self.home), Store(self.db_path)),
+                                     self.broker.port, creds["username"], creds["password"])
+        self.service.start()
+
+    def stop_server(self):
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
 
     def module_config(self):
         creds = self.broker.credentials(DEVICE)
