@@ -358,16 +358,22 @@ class Progress:
             self._thread.join(5)
 
     def _run(self):
+        last, quiet_s = None, 0
         while not self._stop.wait(1.0):
             try:
                 led = self.chain.ledger()
             except Exception as e:  # noqa: BLE001 - the server may be mid-write
                 led = {"error": str(e)}
             cur = _epoch_entry(led, self.fw.epoch)
-            print("bench: produced %d  stored %d  acks sent %d  open gaps %d  rejects %d"
-                  % (sum(self.fw.produced.values()), cur.get("objects", 0),
-                     self.chain.service.acks_sent, cur.get("missing", 0),
-                     led.get("rejected", 0)), flush=True)
+            svc = self.chain.service
+            line = ("bench: produced %d  stored %d  acks sent %d  open gaps %d  rejects %d"
+                    % (sum(self.fw.produced.values()), cur.get("objects", 0),
+                       svc.acks_sent if svc else 0, cur.get("missing", 0),
+                       led.get("rejected", 0)))
+            quiet_s += 1
+            if line != last or quiet_s >= 10:  # on change, else every 10 s
+                print(line, flush=True)
+                last, quiet_s = line, 0
 
 
 def _epoch_entry(ledger, epoch):
