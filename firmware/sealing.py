@@ -52,7 +52,7 @@ class SealingSink:
             unprotected = signed.unprotected_x5chain(await self._cert())
         self.ep = ep
         self.cp = checkpoint.Checkpointer(ep, self.cp_n, self.cp_ms)
-        self._store(KIND_EPOCH, 0, ep.record(unprotected))
+        self._store(KIND_EPOCH, 0, ep.record(unprotected), "epoch")
         self._report_overflow()  # a loss recorded before the reboot is reported now
         _log.info("epoch %d started (certificate by %s)", ep.number,
                   "reference" if self._cert_known() else "value")
@@ -87,9 +87,8 @@ class SealingSink:
     async def put(self, kind, seq, cbor):
         n = self.ep.sealer.seal(seq, cbor, self._out)
         sealed = memoryview(self._out)[:n]
-        if self._store(KIND_RECORD, seq, sealed):
+        if self._store(KIND_RECORD, seq, sealed, record.KIND_NAMES[kind]):
             self.cp.add(seq, sealed)
-            _log.debug("seq=%d kind=%s sealed=%d", seq, record.KIND_NAMES[kind], n)
         if self.cp.due():
             await self._checkpoint()
 
@@ -103,12 +102,14 @@ class SealingSink:
             self.health.count(H.SE_ERRORS)
             _log.error("checkpoint %d not signed: %s %s", seq, type(e).__name__, e)
             return
-        self._store(KIND_CHECKPOINT, seq, obj)
+        self._store(KIND_CHECKPOINT, seq, obj, "checkpoint")
 
-    def _store(self, kind, seq, data):
-        """Append one object; a refusal is counted and reported, never raised to the app."""
+    def _store(self, kind, seq, data, name):
+        """Append one object; a refusal is counted and reported, never raised to the app.
+        The debug line says what was stored (its number and kind, never its content)."""
         try:
             self.outbox.append(kind, self.ep.number, seq, data)
+            _log.debug("seq=%d kind=%s sealed=%d", seq, name, len(data))
             return True
         except OutboxFull as e:
             self.health.count(H.RECORDS_LOST)
@@ -134,6 +135,7 @@ class SealingSink:
         try:
             self.outbox.append(KIND_EVENT, self.ep.number, seq, memoryview(self._out)[:n],
                                covers=ov)
+            _log.debug("seq=%d kind=records_lost sealed=%d", seq, n)
             _log.warn("reported %d objects lost (epoch %d seq %d .. epoch %d seq %d)",
                       ov[4], ov[0], ov[1], ov[2], ov[3])
         except OutboxError as e:

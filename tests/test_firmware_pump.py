@@ -13,7 +13,7 @@ def bench(tmp_path, scenario, duration, speed=1.0, poll_ms=500, status_every=1):
         [sys.executable, "-m", "serene", "bench", "--scenario", scenario,
          "--duration", str(duration), "--speed", str(speed), "--poll-ms", str(poll_ms),
          "--status-every", str(status_every), "--workdir", str(tmp_path / "work"),
-         "--json-summary", str(out), "--quiet"],
+         "--json-summary", str(out), "--quiet", "--pump-only"],
         capture_output=True, text=True, timeout=duration + 120,
     )
     assert res.returncode == 0, res.stdout + res.stderr

@@ -100,7 +100,8 @@ class FirmwareLog:
     def __init__(self, truth, quiet):
         self.truth = truth
         self.quiet = quiet
-        self.produced = collections.Counter()
+        self.produced = collections.Counter()  # records, by kind
+        self.objects = collections.Counter()  # epoch records and checkpoints
         self.link = collections.Counter()
         self.module = collections.Counter()
         self.alarm_records = 0
@@ -109,6 +110,7 @@ class FirmwareLog:
         self.last_status = None
         self.status_times = {}  # seq -> when the firmware reported it (sealed mode)
         self.seqs = []
+        self.record_seqs = []
         self.firmware = None
         self.errors = []
         self.epoch = None
@@ -121,8 +123,12 @@ class FirmwareLog:
         elif line.startswith("D seal: "):  # sealed mode: what was sealed, not its content
             fields = dict(kv.split("=", 1) for kv in line[8:].split())
             seq, kind = int(fields["seq"]), fields["kind"]
-            self.seqs.append(seq)
-            self.produced[kind] += 1
+            self.seqs.append(seq)  # every object of the epoch: gaps are counted over them all
+            if kind in ("epoch", "checkpoint"):
+                self.objects[kind] += 1
+            else:
+                self.produced[kind] += 1
+                self.record_seqs.append(seq)
             if kind == "status":
                 self.status_times[seq] = now
         elif line.startswith("SUMMARY "):
@@ -389,6 +395,7 @@ def make_summary(fw, rc, sim_final, ledger):
         "firmware_exit": rc,
         "records_produced": sum(fw.produced.values()),
         "records_by_kind": dict(fw.produced),
+        "signed_objects": dict(fw.objects),
         "pump_link_conditions": dict(fw.link),
         "module_events": dict(fw.module),
         "sequence_gaps": _gaps(fw.seqs),
@@ -413,7 +420,7 @@ def make_summary(fw, rc, sim_final, ledger):
             "epoch": fw.epoch,
             "objects_stored": cur.get("objects", 0),
             "objects_by_kind": cur.get("by_kind", {}),
-            "records_stored": len(set(fw.seqs) & stored),
+            "records_stored": len(set(fw.record_seqs) & stored),
             "records_produced_not_stored": sorted(set(fw.seqs) - stored),
             "duplicates_received": cur.get("duplicates", 0),
             "gaps": cur.get("missing", 0),
