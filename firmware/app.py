@@ -28,6 +28,7 @@ _RESTART_WINDOW_MS = const(60_000)
 _CONNECT_BACKOFF_MIN_MS = const(1000)  # pump (re)connection backoff: 1 s doubling to 30 s
 _CONNECT_BACKOFF_MAX_MS = const(30_000)
 _SUPERVISOR_PERIOD_MS = const(1000)  # < watchdog_ms / 4 for every sane watchdog setting
+_ROTATE_RETRY_MS = const(60_000)  # a failed epoch rotation is tried again a minute later
 
 
 class LogSink:
@@ -55,6 +56,11 @@ class Recorder:
         self.clock = clock
         self.enc = record.RecordEncoder()
         self._lock = asyncio.Lock()
+
+    async def exclusive(self, fn):
+        """Run the coroutine function fn with no record being made (epoch rotation)."""
+        async with self._lock:
+            return await fn()
 
     async def emit(self, kind, build, *args):
         """build(seq, t, *args) -> memoryview: one of RecordEncoder's methods."""
@@ -189,6 +195,8 @@ class App:
     async def supervisor(self):
         period_s = self.cfg["health_period_s"]
         last_health = time.ticks_ms()
+        rotate_ms = self.cfg["epoch_rotate_s"] * 1000
+        last_rotate = time.ticks_ms()
         c = self.health.counters
         while True:
             if self.wdt is not None and not self._escalating():
@@ -198,11 +206,27 @@ class App:
             c[H.MEM_LIVE_MAX] = max(c[H.MEM_LIVE_MAX], gc.mem_alloc())
             if self.delivery is not None:
                 self.delivery.housekeeping()
+                if rotate_ms and time.ticks_diff(time.ticks_ms(), last_rotate) >= rotate_ms:
+                    last_rotate = time.ticks_ms()
+                    if not await self._rotate():
+                        last_rotate = time.ticks_add(last_rotate, _ROTATE_RETRY_MS - rotate_ms)
             if time.ticks_diff(time.ticks_ms(), last_health) >= period_s * 1000:
                 last_health = time.ticks_ms()
                 await self.rec.emit(record.KIND_MODULE, self.rec.enc.health,
                                     self.health.counters)
             await asyncio.sleep_ms(_SUPERVISOR_PERIOD_MS)
+
+    async def _rotate(self):
+        from firmware.epoch import EpochError
+
+        try:
+            ep = await self.rec.exclusive(self.delivery.rotate)
+        except (EpochError, OSError, ValueError) as e:  # the current epoch goes on
+            self.health.count(H.SE_ERRORS)
+            _log.error("epoch rotation failed: %s %s", type(e).__name__, e)
+            return False
+        _log.info("epoch rotated to %d", ep.number)
+        return True
 
     # -- resilience ------------------------------------------------------------------------
 

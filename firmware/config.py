@@ -34,6 +34,7 @@ DEFAULTS = {
     "outbox_segment": 4096,  # = the littlefs block size (firmware/outbox.py)
     "checkpoint_every_n": 32,  # a signed checkpoint every N sealed records...
     "checkpoint_every_s": 600,  # ... and at least this often
+    "epoch_rotate_s": 86400,  # a new epoch (new keys) this often, besides every boot; 0 = never
     # radio: LTE-M over MQTT (drivers/radio/ltem.py)
     "mqtt_host": "127.0.0.1",
     "mqtt_port": 8883,

@@ -60,6 +60,12 @@ class Delivery:
         self.link = Link(self.outbox, [self.radio], Cum2Acks(ep.acks))
         return ep
 
+    async def rotate(self):
+        """A new epoch (firmware/sealing.py rotate); acks are then opened with its key."""
+        ep = await self.sink.rotate()
+        self.link.opener = Cum2Acks(ep.acks)
+        return ep
+
     def tasks(self):
         """(name, coroutine function) pairs for the app to run under its guard."""
         return (("radio", self.radio.run), ("link", self.link.run))

@@ -38,6 +38,8 @@ class SealingSink:
         self.cp = None
         self._out = bytearray(record.RECORD_MAX + OVERHEAD_MAX)
         self._enc = record.RecordEncoder(48)  # the overflow event
+        self._cert_der = None
+        self._cert_is_known = None  # cached: the marker file is checked once
 
     async def start(self):
         """New epoch, its record stored. Raises EpochError (the caller retries)."""
@@ -46,31 +48,44 @@ class SealingSink:
                                         ident.server_key_length)
         ep = await epoch.start(self.se, ident.device_id.encode(), bytes(server_pub),
                                ident.epoch_counter_zone)
-        if self._cert_known():
-            unprotected = signed.unprotected_x5t(await self._cert())
+        cert = await self._cert()
+        by_reference = self._cert_known()
+        if by_reference:
+            unprotected = signed.unprotected_x5t(cert)
         else:
-            unprotected = signed.unprotected_x5chain(await self._cert())
+            unprotected = signed.unprotected_x5chain(cert)
         self.ep = ep
         self.cp = checkpoint.Checkpointer(ep, self.cp_n, self.cp_ms)
         self._store(KIND_EPOCH, 0, ep.record(unprotected), "epoch")
         self._report_overflow()  # a loss recorded before the reboot is reported now
         _log.info("epoch %d started (certificate by %s)", ep.number,
-                  "reference" if self._cert_known() else "value")
+                  "reference" if by_reference else "value")
         return ep
 
+    async def rotate(self):
+        """A new epoch while running (the configured rotation): the open checkpoint interval
+        of the current epoch is closed first, then start(). If start() fails (EpochError) the
+        current epoch goes on sealing; the caller retries later. Call it with no record being
+        made (firmware/app.py holds the Recorder's lock)."""
+        if self.cp.count:
+            await self._checkpoint()
+        return await self.start()
+
     async def _cert(self):
-        if not hasattr(self, "_cert_der"):
+        if self._cert_der is None:
             self._cert_der = await self.se.read_certificate(self.ident.cert_zone)
         return self._cert_der
 
     def _cert_known(self):
-        import os
+        if self._cert_is_known is None:
+            import os
 
-        try:
-            os.stat(self.data_dir + "/" + _CERT_KNOWN)
-            return True
-        except OSError:
-            return False
+            try:
+                os.stat(self.data_dir + "/" + _CERT_KNOWN)
+                self._cert_is_known = True
+            except OSError:
+                self._cert_is_known = False
+        return self._cert_is_known
 
     def note_cert_known(self):
         """Called once the server has acknowledged an epoch record that carried the
@@ -78,6 +93,7 @@ class SealingSink:
         if not self._cert_known() and self.outbox.is_acked(self.ep.number, 0):
             with open(self.data_dir + "/" + _CERT_KNOWN, "w") as f:
                 f.write("1")
+            self._cert_is_known = True
 
     # -- the sink interface (firmware/app.py Recorder) -------------------------------------
 

@@ -171,3 +171,28 @@ def test_forged_replayed_truncated_and_stray_downlinks_change_nothing(tmp_path, 
     # Nothing beyond what the genuine ack covered left the outbox: it is not empty.
     assert "I app: drain: outbox NOT empty" in fw.lines
     assert (tmp_path / "flash" / "outbox").is_dir()
+
+
+def test_epoch_rotation_while_running_delivers_every_epoch_complete(tmp_path, mpy_dir):
+    sim = PumpSimulator(scenario="normal-feed", speed=1.0)
+    sim.start()
+    try:
+        with Chain(tmp_path, checkpoint_every=4, se_time_scale=0.25) as chain:
+            fw = Firmware(mpy_dir, config(tmp_path, chain, sim, epoch_rotate_s=3, run_for_s=11,
+                                          drain_s=30))
+            assert fw.wait(120) == 0, "\n".join(fw.lines[-30:])
+            chain.service.wait_idle(15)
+            ledger = chain.ledger()
+    finally:
+        sim.stop()
+    started = [int(ln.split()[3]) for ln in fw.lines if ln.startswith("I seal: epoch ")]
+    assert len(started) >= 3 and started == sorted(started)  # new keys every 3 s
+    assert sum(1 for ln in fw.lines if ln.startswith("I app: epoch rotated to")) >= 2
+    assert "I app: drain: outbox empty" in fw.lines
+    epochs = {e["epoch"]: e for e in ledger["epochs"]}
+    assert set(started) <= set(epochs)
+    for number in started:
+        e = epochs[number]
+        assert e["missing"] == 0 and e["by_kind"].get("epoch") == 1, e
+    assert ledger["complete"] and ledger["checkpoint_mismatches"] == 0
+    assert fw.summary()["se_errors"] == 0
