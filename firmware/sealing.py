@@ -56,10 +56,10 @@ class SealingSink:
             unprotected = signed.unprotected_x5chain(cert)
         self.ep = ep
         self.cp = checkpoint.Checkpointer(ep, self.cp_n, self.cp_ms)
-        self._store(KIND_EPOCH, 0, ep.record(unprotected), "epoch")
-        self._report_overflow()  # a loss recorded before the reboot is reported now
         _log.info("epoch %d started (certificate by %s)", ep.number,
                   "reference" if by_reference else "value")
+        self._store(KIND_EPOCH, 0, ep.record(unprotected), "epoch")
+        self._report_overflow()  # a loss recorded before the reboot is reported now
         return ep
 
     async def rotate(self):

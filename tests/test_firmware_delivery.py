@@ -5,60 +5,25 @@ not genuine fresh acks change nothing."""
 import json
 import os
 import sqlite3
-import subprocess
-import threading
 import time
 
 from serene import broker as B
-from serene import upy
-from serene.bench import DEVICE, Chain
+from serene.bench import DEVICE, Chain, FirmwareProcess
 from serene.pumpsim import PumpSimulator
 from serene.server.ingest import Ingest
 from serene.server.store import Store
 from serene.verifier import from_home
 
 
-class Firmware:
-    def __init__(self, mpy_dir, cfg_path):
-        self.lines = []
-        self.proc = upy.popen([str(mpy_dir / "main.py"), str(cfg_path)], heap="512K",
-                              code_dir=mpy_dir, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait(self, timeout):
-        rc = self.proc.wait(timeout)
-        self._t.join(10)
-        return rc
+class Firmware(FirmwareProcess):
+    """The firmware with one epoch (no rotation): its sequence numbers, in that epoch."""
 
     def epoch(self):
-        for line in self.lines:
-            if line.startswith("I seal: epoch "):
-                return int(line.split()[3])
-        return None
+        epochs = self.epochs()
+        return epochs[0] if epochs else None
 
-    def sealed(self):
-        return [int(dict(kv.split("=", 1) for kv in ln[8:].split())["seq"])
-                for ln in self.lines if ln.startswith("D seal: ")]
-
-    def summary(self):
-        for line in self.lines:
-            if line.startswith("SUMMARY "):
-                return json.loads(line[8:])
-        raise AssertionError("no SUMMARY line:\n" + "\n".join(self.lines[-30:]))
-
-    def wait_for(self, pred, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(0.1)
-        return False
+    def seqs(self):
+        return [seq for _, seq, _ in self.sealed()]
 
 
 def config(tmp_path, chain, sim, **kw):
@@ -86,7 +51,7 @@ def test_broker_outage_of_60_s_and_a_server_restart_lose_nothing(tmp_path, mpy_d
     try:
         with Chain(tmp_path, checkpoint_every=8, se_time_scale=0.25) as chain:
             fw = Firmware(mpy_dir, config(tmp_path, chain, sim, run_for_s=85, drain_s=90))
-            assert fw.wait_for(lambda: len(fw.sealed()) >= 5, 30), fw.lines[-20:]
+            assert fw.wait_for(lambda: len(fw.seqs()) >= 5, 30), fw.text()[-20:]
             chain.broker.stop()  # the cellular network or the broker is gone for a minute
             t_stop = time.monotonic()
             time.sleep(60)
@@ -96,7 +61,7 @@ def test_broker_outage_of_60_s_and_a_server_restart_lose_nothing(tmp_path, mpy_d
             chain.stop_server()  # the server restarts while the module catches up
             time.sleep(2)
             chain.start_server()
-            assert fw.wait(200) == 0, "\n".join(fw.lines[-30:])
+            assert fw.wait(200) == 0, "\n".join(fw.text()[-30:])
             chain.service.wait_idle(15)
             epoch = fw.epoch()
             stored = stored_seqs(chain, epoch)
@@ -104,8 +69,8 @@ def test_broker_outage_of_60_s_and_a_server_restart_lose_nothing(tmp_path, mpy_d
     finally:
         sim.stop()
     assert outage_s >= 60
-    assert "I app: drain: outbox empty" in fw.lines, fw.lines[-30:]
-    sealed = fw.sealed()
+    assert "I app: drain: outbox empty" in fw.text(), fw.text()[-30:]
+    sealed = fw.seqs()
     assert len(sealed) > 100  # about a record a poll, outage included
     assert set(sealed) <= stored, sorted(set(sealed) - stored)[:20]
     assert ledger["missing"] == 0 and ledger["checkpoint_mismatches"] == 0
@@ -131,7 +96,7 @@ def test_forged_replayed_truncated_and_stray_downlinks_change_nothing(tmp_path, 
             with B.Probe(chain.broker.port, creds["username"], creds["password"]) as tap:
                 assert tap.subscribe("serene/%s/up" % DEVICE) == 1
                 fw = Firmware(mpy_dir, config(tmp_path, chain, sim, run_for_s=14, drain_s=1))
-                assert fw.wait_for(lambda: len(fw.sealed()) >= 4, 30), fw.lines[-20:]
+                assert fw.wait_for(lambda: len(fw.seqs()) >= 4, 30), fw.text()[-20:]
                 # A private server instance opens what the module sent and makes genuine acks
                 # (never published as such, except where said).
                 ingest = Ingest(from_home(chain.home), Store(tmp_path / "private.sqlite3"))
@@ -159,7 +124,7 @@ def test_forged_replayed_truncated_and_stray_downlinks_change_nothing(tmp_path, 
                 for payload in bogus + [second, second, first]:
                     tap.publish(down, payload)
                     time.sleep(0.3)
-                assert fw.wait(60) == 0, "\n".join(fw.lines[-30:])
+                assert fw.wait(60) == 0, "\n".join(fw.text()[-30:])
     finally:
         sim.stop()
     s = fw.summary()
@@ -169,7 +134,7 @@ def test_forged_replayed_truncated_and_stray_downlinks_change_nothing(tmp_path, 
     assert s["acks_rejected"] >= 6, s  # counted by reason by the epoch's ack opener
     assert s["task_restarts"] == 0
     # Nothing beyond what the genuine ack covered left the outbox: it is not empty.
-    assert "I app: drain: outbox NOT empty" in fw.lines
+    assert "I app: drain: outbox NOT empty" in fw.text()
     assert (tmp_path / "flash" / "outbox").is_dir()
 
 
@@ -180,15 +145,15 @@ def test_epoch_rotation_while_running_delivers_every_epoch_complete(tmp_path, mp
         with Chain(tmp_path, checkpoint_every=4, se_time_scale=0.25) as chain:
             fw = Firmware(mpy_dir, config(tmp_path, chain, sim, epoch_rotate_s=3, run_for_s=11,
                                           drain_s=30))
-            assert fw.wait(120) == 0, "\n".join(fw.lines[-30:])
+            assert fw.wait(120) == 0, "\n".join(fw.text()[-30:])
             chain.service.wait_idle(15)
             ledger = chain.ledger()
     finally:
         sim.stop()
-    started = [int(ln.split()[3]) for ln in fw.lines if ln.startswith("I seal: epoch ")]
+    started = fw.epochs()
     assert len(started) >= 3 and started == sorted(started)  # new keys every 3 s
-    assert sum(1 for ln in fw.lines if ln.startswith("I app: epoch rotated to")) >= 2
-    assert "I app: drain: outbox empty" in fw.lines
+    assert sum(1 for ln in fw.text() if ln.startswith("I app: epoch rotated to")) >= 2
+    assert "I app: drain: outbox empty" in fw.text()
     epochs = {e["epoch"]: e for e in ledger["epochs"]}
     assert set(started) <= set(epochs)
     for number in started:

@@ -11,54 +11,12 @@ import json
 import random
 import signal
 import sqlite3
-import subprocess
-import threading
 import time
 
-from serene import upy
-from serene.bench import DEVICE, Chain
+from serene.bench import DEVICE, Chain, FirmwareProcess
 from serene.pumpsim import PumpSimulator
 
 KILLS = 50
-
-
-class Run:
-    """One firmware process; its stdout collected by a thread (lines survive the kill)."""
-
-    def __init__(self, mpy_dir, cfg_path):
-        self.lines = []
-        self.proc = upy.popen([str(mpy_dir / "main.py"), str(cfg_path)], heap="512K",
-                              code_dir=mpy_dir, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._t.join(10)
-
-    def wait(self, timeout):
-        rc = self.proc.wait(timeout)
-        self._t.join(10)
-        return rc
-
-
-def sealed(lines):
-    """(epoch, seq) of every object the run reported durable, and the epoch it started."""
-    epoch = None
-    out = []
-    for line in lines:
-        if line.startswith("I seal: epoch "):
-            epoch = int(line.split()[3])
-        elif line.startswith("D seal: ") and epoch is not None:
-            seq = int(dict(kv.split("=", 1) for kv in line[8:].split())["seq"])
-            out.append((epoch, seq))
-    return epoch, out
 
 
 def test_firmware_survives_50_sigkills_without_loss_or_duplicates(tmp_path, mpy_dir):
@@ -74,22 +32,19 @@ def test_firmware_survives_50_sigkills_without_loss_or_duplicates(tmp_path, mpy_
             cfg_path.write_text(json.dumps(cfg))
             epochs, objects, warnings = [], [], []
             for _ in range(KILLS):
-                run = Run(mpy_dir, cfg_path)
+                run = FirmwareProcess(mpy_dir, cfg_path)
                 time.sleep(rng.uniform(0.3, 2.5))
-                run.kill()
-                ep, objs = sealed(run.lines)
-                if ep is not None:
-                    epochs.append(ep)
-                objects += objs
-                warnings += [ln for ln in run.lines if ln.startswith(("W delivery", "E "))]
+                run.stop(signal.SIGKILL)
+                epochs += run.epochs()
+                objects += [(e, s) for e, s, _ in run.sealed()]
+                warnings += [ln for ln in run.text() if ln.startswith(("W delivery", "E "))]
             cfg.update({"run_for_s": 2, "drain_s": 60})
             cfg_path.write_text(json.dumps(cfg))
-            final = Run(mpy_dir, cfg_path)
-            assert final.wait(120) == 0, "\n".join(final.lines[-30:])
-            ep, objs = sealed(final.lines)
-            epochs.append(ep)
-            objects += objs
-            assert "I app: drain: outbox empty" in final.lines, "\n".join(final.lines[-30:])
+            final = FirmwareProcess(mpy_dir, cfg_path)
+            assert final.wait(120) == 0, "\n".join(final.text()[-30:])
+            epochs += final.epochs()
+            objects += [(e, s) for e, s, _ in final.sealed()]
+            assert "I app: drain: outbox empty" in final.text(), "\n".join(final.text()[-30:])
             chain.service.wait_idle(10)
             ledger = chain.ledger()
             db = sqlite3.connect(str(chain.db_path))

@@ -16,57 +16,21 @@
 import argparse
 import json
 import pathlib
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tools"))
 from serene import upy  # noqa: E402
-from serene.bench import DEVICE, Chain  # noqa: E402
+from serene.bench import DEVICE, Chain, FirmwareProcess  # noqa: E402
 from serene.pumpsim import PumpSimulator  # noqa: E402
 
 
-class Firmware:
-    def __init__(self, mpy_dir, cfg, path, heap="512K"):
-        path.write_text(json.dumps(cfg))
-        self.lines = []  # (wall time, line)
-        self.proc = upy.popen([str(mpy_dir / "main.py"), str(path)], heap=heap,
-                              code_dir=mpy_dir, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append((time.time(), line.rstrip("\n")))
-
-    def sealed(self):
-        out = {}
-        for t, ln in self.lines:
-            if ln.startswith("D seal: "):
-                out[int(dict(kv.split("=", 1) for kv in ln[8:].split())["seq"])] = t
-        return out
-
-    def epoch(self):
-        for _, ln in self.lines:
-            if ln.startswith("I seal: epoch "):
-                return int(ln.split()[3])
-
-    def summary(self):
-        for _, ln in self.lines:
-            if ln.startswith("SUMMARY "):
-                return json.loads(ln[8:])
-        return {}
-
-    def stop(self, sig=signal.SIGINT):
-        self.proc.send_signal(sig)
-        self.proc.wait(60)
-        self._t.join(10)
+def firmware(mpy, cfg, path):
+    path.write_text(json.dumps(cfg))
+    return FirmwareProcess(mpy, path)
 
 
 def stored(db_path, epoch):
@@ -101,14 +65,13 @@ def main():
             base.update(chain.module_config())
 
             # 1. latency and bytes
-            fw = Firmware(mpy, dict(base, poll_period_ms=1000, run_for_s=args.latency_s,
+            fw = firmware(mpy, dict(base, poll_period_ms=1000, run_for_s=args.latency_s,
                                     drain_s=30), work / "a.json")
-            fw.proc.wait(args.latency_s + 120)
-            fw._t.join(10)
+            fw.wait(args.latency_s + 120)
             chain.service.wait_idle(10)
-            sealed, ep = fw.sealed(), fw.epoch()
+            sealed, ep = fw.sealed(), fw.epochs()[0]
             got = stored(chain.db_path, ep)
-            lat = [(got[s] - t) * 1000 for s, t in sealed.items() if s in got]
+            lat = [(got[s] - t) * 1000 for _, s, t in sealed if s in got]
             s = fw.summary()
             out["latency_ms"] = {"records": len(lat), "median": statistics.median(lat),
                                  "p95": pct(lat, 95), "max": max(lat)}
@@ -122,23 +85,21 @@ def main():
 
             # 2. drain from a backlog
             chain.stop_server()
-            fw = Firmware(mpy, dict(base, poll_period_ms=1, run_for_s=0), work / "b.json")
+            fw = firmware(mpy, dict(base, poll_period_ms=1, run_for_s=0), work / "b.json")
             t0 = time.time()
             while len(fw.sealed()) < args.backlog:
                 time.sleep(0.5)
                 if fw.proc.poll() is not None:
-                    raise SystemExit("firmware died:\n" + "\n".join(ln for _, ln in
-                                                                    fw.lines[-20:]))
+                    raise SystemExit("firmware died:\n" + "\n".join(fw.text()[-20:]))
             fw.stop()
-            backlog_ep, n = fw.epoch(), len(fw.sealed())
+            backlog_ep, n = fw.epochs()[0], len(fw.sealed())
             out["backlog"] = {"records": n, "production_s": time.time() - t0}
             print("backlog  %d records stored in the outbox in %.0f s" % (n, time.time() - t0),
                   flush=True)
             chain.start_server()
-            fw = Firmware(mpy, dict(base, poll_period_ms=60000, run_for_s=1, drain_s=900),
+            fw = firmware(mpy, dict(base, poll_period_ms=60000, run_for_s=1, drain_s=900),
                           work / "c.json")
-            fw.proc.wait(1000)
-            fw._t.join(10)
+            fw.wait(1000)
             chain.service.wait_idle(30)
             got = stored(chain.db_path, backlog_ep)
             times = sorted(got.values())
@@ -146,7 +107,7 @@ def main():
             dur = times[-1] - times[0]
             out["drain"] = {"objects": len(got), "seconds": dur, "per_s": len(got) / dur,
                             "missing": len(missing),
-                            "drained": any("drain: outbox empty" in ln for _, ln in fw.lines)}
+                            "drained": "I app: drain: outbox empty" in fw.text()}
             print("drain    %s" % out["drain"], flush=True)
     finally:
         sim.stop()

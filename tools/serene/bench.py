@@ -246,6 +246,65 @@ def run(args):
     return 0
 
 
+class FirmwareProcess:
+    """The firmware (main.py of an mpy build) in the background, for tests and benchmarks.
+    Its output is read by a thread into `lines` as (wall time, line): they survive a kill."""
+
+    def __init__(self, mpy_dir, cfg_path, heap="512K"):
+        self.lines = []
+        self.proc = upy.popen([str(mpy_dir / "main.py"), str(cfg_path)], heap=heap,
+                              code_dir=mpy_dir, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line.rstrip("\n")))
+
+    def text(self):
+        return [ln for _, ln in self.lines]
+
+    def wait(self, timeout):
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        return rc
+
+    def stop(self, sig=signal.SIGINT):
+        """SIGINT: the firmware prints its SUMMARY and exits. SIGKILL: a power cut."""
+        self.proc.send_signal(sig)
+        return self.wait(60)
+
+    def wait_for(self, pred, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def epochs(self):
+        return [int(ln.split()[3]) for ln in self.text() if ln.startswith("I seal: epoch ")]
+
+    def sealed(self):
+        """[(epoch, seq, when)] of every object the firmware reported durable in its outbox,
+        in order (a repeated identity would show twice)."""
+        out, epoch = [], None
+        for t, ln in self.lines:
+            if ln.startswith("I seal: epoch "):
+                epoch = int(ln.split()[3])
+            elif ln.startswith("D seal: ") and epoch is not None:
+                out.append((epoch, int(dict(kv.split("=", 1) for kv in ln[8:].split())["seq"]),
+                            t))
+        return out
+
+    def summary(self):
+        for ln in self.text():
+            if ln.startswith("SUMMARY "):
+                return json.loads(ln[8:])
+        raise CliError("the firmware printed no SUMMARY")
+
+
 class Chain:
     """Provisioning, the STSAFE emulator on the I2C bridge, Mosquitto and the server."""
 
