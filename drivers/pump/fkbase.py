@@ -194,33 +194,22 @@ def encode_frame(address, payload):
 
 
 def parse_vars(buf, start, end):
-    """Fields ';<id><hex>' from buf[start:end] as {id letter: int}; None if malformed."""
+    """Fields ';<id><hex>' from buf[start:end] as {id letter: int}; None if malformed (an id
+    outside a-z included)."""
     out = {}
-    i = start
-    while i < end:
-        if buf[i] != _SEMI or i + 2 >= end:
-            return None
-        vid = buf[i + 1]
-        i += 2
-        v = 0
-        digits = 0
-        while i < end and buf[i] != _SEMI:
-            d = _hexdigit(buf[i])
-            if d < 0:
-                return None
-            v = (v << 4) | d
-            digits += 1
-            i += 1
-        if not digits or vid < 0x61 or vid > 0x7A:
-            return None
-        out[chr(vid)] = v
-    return out
+    return out if _scan(buf, start, end, out, None) else None
 
 
 def parse_status(buf, start, end, status, varmap):
     """Fill status from fields ';<id><hex>' of buf[start:end] (no allocation for values that
     fit a small int). Unknown ids are skipped (a newer pump may send more). False if
     malformed. status is not cleared here."""
+    return _scan(buf, start, end, status, varmap)
+
+
+def _scan(buf, start, end, target, varmap):
+    """The one field parser. varmap None: target is a dict, every id must be a-z and lands
+    under its letter; else target's attribute varmap[id] is set (unknown ids skipped)."""
     i = start
     while i < end:
         if buf[i] != _SEMI or i + 2 >= end:
@@ -238,9 +227,14 @@ def parse_status(buf, start, end, status, varmap):
             i += 1
         if not digits:
             return False
-        name = varmap.get(vid)
-        if name is not None:
-            setattr(status, name, v)
+        if varmap is None:
+            if vid < 0x61 or vid > 0x7A:
+                return False
+            target[chr(vid)] = v
+        else:
+            name = varmap.get(vid)
+            if name is not None:
+                setattr(target, name, v)
     return True
 
 
