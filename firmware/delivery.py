@@ -23,6 +23,30 @@ _START_RETRY_MIN_MS = const(1000)
 _START_RETRY_MAX_MS = const(60_000)
 
 
+class RotationAcks:
+    """Opens acks with the new epoch's key, or with the previous epoch's while the server
+    still seals with it (it has not yet verified the new epoch record). The first ack that
+    opens with the new key retires the old one. An ack tried on both and refused by both
+    raises the new opener's error (counted by both: firmware/ack.py counts per opener)."""
+
+    def __init__(self, new, old):
+        self.new = new
+        self.old = old
+
+    def open(self, payload):
+        try:
+            out = self.new.open(payload)
+        except ValueError as e:
+            if self.old is None:
+                raise
+            try:
+                return self.old.open(payload)
+            except ValueError:
+                raise e
+        self.old = None
+        return out
+
+
 class Delivery:
     def __init__(self, cfg, ident, se, radio, health, data_dir):
         self.cfg = cfg
@@ -58,12 +82,20 @@ class Delivery:
                 await asyncio.sleep_ms(backoff)
                 backoff = min(backoff * 2, _START_RETRY_MAX_MS)
         self.link = Link(self.outbox, [self.radio], Cum2Acks(ep.acks))
+        self._announce()
         return ep
 
+    def _announce(self):
+        if self.sink.epoch_pos >= 0:
+            self.link.announce(self.sink.epoch_pos)
+
     async def rotate(self):
-        """A new epoch (firmware/sealing.py rotate); acks are then opened with its key."""
+        """A new epoch (firmware/sealing.py rotate), its record sent first. Acks are opened
+        with its key, and with the previous epoch's until the server has the new one."""
+        old = self.sink.ep
         ep = await self.sink.rotate()
-        self.link.opener = Cum2Acks(ep.acks)
+        self.link.opener = RotationAcks(Cum2Acks(ep.acks), Cum2Acks(old.acks))
+        self._announce()
         return ep
 
     def tasks(self):

@@ -129,13 +129,18 @@ class Link:
         self.clock = clock
         self._frame = bytearray(max(256, max(r.mtu for r in radios)))
         self._fmv = memoryview(self._frame)
-        # In-flight objects, one slot each (preallocated lists, no per-object allocation).
-        self._used = [False] * window
-        self._epoch = [0] * window
-        self._seq = [0] * window
-        self._pos = [0] * window
-        self._tries = [0] * window
-        self._due = [0] * window
+        # In-flight objects, one slot each (preallocated lists, no per-object allocation):
+        # `window` for objects in log order, plus one kept for the announced epoch record.
+        slots = window + 1
+        self._slots = slots
+        self._used = [False] * slots
+        self._epoch = [0] * slots
+        self._seq = [0] * slots
+        self._pos = [0] * slots
+        self._tries = [0] * slots
+        self._due = [0] * slots
+        # Outbox position of the current epoch's record, sent before anything else (announce).
+        self._priority = -1
         self._nused = 0
         self._cont = -1  # slot whose fragments are being sent, or -1
         self._cont_off = 0
@@ -190,7 +195,7 @@ class Link:
 
     def _drop_acked(self):
         ob = self.outbox
-        for i in range(self.window):
+        for i in range(self._slots):
             if self._used[i] and ob.is_acked(self._epoch[i], self._seq[i]):
                 self._free(i)
 
@@ -204,7 +209,7 @@ class Link:
         """The in-flight object whose ack deadline has passed, lowest (epoch, seq) first; with
         `epoch` given, only one of that epoch. -1 if none."""
         best = -1
-        for i in range(self.window):
+        for i in range(self._slots):
             if not self._used[i] or i == self._cont:
                 continue
             if time.ticks_diff(self._due[i], now) > 0:
@@ -221,7 +226,7 @@ class Link:
         return best
 
     def _new_slot(self, e, now):
-        for i in range(self.window):
+        for i in range(self._slots):
             if not self._used[i]:
                 self._used[i] = True
                 self._nused += 1
@@ -234,6 +239,20 @@ class Link:
                 return i
         return -1
 
+    def announce(self, pos):
+        """Send the object at outbox position `pos` (the epoch record of a new epoch) before
+        anything else. After a reboot the server seals its acks with the newest epoch key it
+        knows: until it has the new epoch record, no ack can open here, and that record sits
+        behind the whole backlog in log order; a full window of unacknowledged backlog would
+        never let it through."""
+        self._priority = pos
+
+    def _in_flight(self, epoch, seq):
+        for i in range(self._slots):
+            if self._used[i] and self._epoch[i] == epoch and self._seq[i] == seq:
+                return True
+        return False
+
     # ---------------------------------------------------------------- uplink
 
     def wakeup_ms(self, radio, now):
@@ -242,12 +261,12 @@ class Link:
         w = self._budget(radio).wait_ms(now)
         if w > 0:
             return min(w, self.poll_ms)
-        if self._cont >= 0:
+        if self._cont >= 0 or self._priority >= 0:
             return 0
         if self._nused < self.window and self.outbox.next_entry(self._next_pos) is not None:
             return 0
         best = self.poll_ms
-        for i in range(self.window):
+        for i in range(self._slots):
             if self._used[i] and i != self._cont:
                 d = time.ticks_diff(self._due[i], now)
                 if d < best:
@@ -275,13 +294,27 @@ class Link:
             # 1. the rest of a fragmented object, 2. an overdue one, 3. a new one
             i = self._cont
             off = self._cont_off
-            if i < 0:
+            if i < 0 and self._priority >= 0 and n == 0:
+                # 0. the announced epoch record, in a frame of its own epoch
+                e = ob.read(self._priority)
+                self._priority = -1
+                if e is None or self._in_flight(e.epoch, e.seq):
+                    continue
+                i = self._new_slot(e, now)  # the reserved slot if the window is full
+                if i < 0:
+                    continue  # the reserve is busy (two rotations unacked): it goes in order
+                self.stats["objects"] += 1
+                off = 0
+            elif i < 0:
                 off = 0
                 i = self._due_slot(now, epoch)
                 if i < 0 and self._nused < self.window:
                     e = ob.next_entry(self._next_pos)
                     if e is None or (epoch is not None and e.epoch != epoch):
                         break  # nothing new, or another epoch: next frame
+                    if self._in_flight(e.epoch, e.seq):  # sent first, as announced
+                        self._next_pos = e.next
+                        continue
                     if not self._fits(e, n, mtu, 0):
                         break
                     i = self._new_slot(e, now)

@@ -39,6 +39,7 @@ class SealingSink:
         self._out = bytearray(record.RECORD_MAX + OVERHEAD_MAX)
         self._enc = record.RecordEncoder(48)  # the overflow event
         self._cert_der = None
+        self.epoch_pos = -1  # outbox position of the current epoch's record
         self._cert_is_known = None  # cached: the marker file is checked once
 
     async def start(self):
@@ -58,7 +59,7 @@ class SealingSink:
         self.cp = checkpoint.Checkpointer(ep, self.cp_n, self.cp_ms)
         _log.info("epoch %d started (certificate by %s)", ep.number,
                   "reference" if by_reference else "value")
-        self._store(KIND_EPOCH, 0, ep.record(unprotected), "epoch")
+        self.epoch_pos = self._store(KIND_EPOCH, 0, ep.record(unprotected), "epoch")
         self._report_overflow()  # a loss recorded before the reboot is reported now
         return ep
 
@@ -103,7 +104,7 @@ class SealingSink:
     async def put(self, kind, seq, cbor):
         n = self.ep.sealer.seal(seq, cbor, self._out)
         sealed = memoryview(self._out)[:n]
-        if self._store(KIND_RECORD, seq, sealed, record.KIND_NAMES[kind]):
+        if self._store(KIND_RECORD, seq, sealed, record.KIND_NAMES[kind]) >= 0:
             self.cp.add(seq, sealed)
         if self.cp.due():
             await self._checkpoint()
@@ -121,12 +122,13 @@ class SealingSink:
         self._store(KIND_CHECKPOINT, seq, obj, "checkpoint")
 
     def _store(self, kind, seq, data, name):
-        """Append one object; a refusal is counted and reported, never raised to the app.
-        The debug line says what was stored (its number and kind, never its content)."""
+        """Append one object; its outbox position, or -1 if refused (counted and reported,
+        never raised to the app). The debug line says what was stored (its number and kind,
+        never its content)."""
         try:
-            self.outbox.append(kind, self.ep.number, seq, data)
+            pos = self.outbox.append(kind, self.ep.number, seq, data)
             _log.debug("seq=%d kind=%s sealed=%d", seq, name, len(data))
-            return True
+            return pos
         except OutboxFull as e:
             self.health.count(H.RECORDS_LOST)
             _log.error("outbox full (%s): object %d of epoch %d not stored", e.reason, seq,
@@ -135,7 +137,7 @@ class SealingSink:
             self.health.count(H.RECORDS_LOST)
             _log.error("outbox error %s %s: object %d not stored", e.reason, e.detail, seq)
         self._report_overflow()
-        return False
+        return -1
 
     def _report_overflow(self):
         """Seal and store the event that names what the outbox could not keep (it may use the

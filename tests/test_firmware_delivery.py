@@ -161,3 +161,27 @@ def test_epoch_rotation_while_running_delivers_every_epoch_complete(tmp_path, mp
         assert e["missing"] == 0 and e["by_kind"].get("epoch") == 1, e
     assert ledger["complete"] and ledger["checkpoint_mismatches"] == 0
     assert fw.summary()["se_errors"] == 0
+
+
+def test_reboot_with_a_backlog_larger_than_the_link_window_drains(tmp_path, mpy_dir):
+    # After a reboot the server can seal acks only with the new epoch's key once it has the
+    # new epoch record, which the outbox holds behind the whole backlog: the link must send
+    # it first, or a full window of unacknowledged backlog blocks delivery for good.
+    sim = PumpSimulator(scenario="normal-feed", speed=1.0)
+    sim.start()
+    try:
+        with Chain(tmp_path, checkpoint_every=32, se_time_scale=0.25, server=False) as chain:
+            fw = Firmware(mpy_dir, config(tmp_path, chain, sim, poll_period_ms=5))
+            assert fw.wait_for(lambda: len(fw.seqs()) >= 150, 60), fw.text()[-20:]
+            fw.stop()
+            backlog = fw.epoch(), fw.seqs()
+            chain.start_server()
+            fw = Firmware(mpy_dir, config(tmp_path, chain, sim, run_for_s=1, drain_s=60))
+            assert fw.wait(120) == 0, "\n".join(fw.text()[-30:])
+            chain.service.wait_idle(15)
+            stored_old = stored_seqs(chain, backlog[0])
+    finally:
+        sim.stop()
+    assert len(backlog[1]) > 2 * 32  # more than two windows
+    assert "I app: drain: outbox empty" in fw.text(), fw.text()[-20:]
+    assert set(backlog[1]) <= stored_old

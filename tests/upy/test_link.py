@@ -463,3 +463,38 @@ async def test_run_loop_survives_foreign_radio_errors_without_budget():
             raise AssertionError(link.last_error)
     finally:
         rmtree(d)
+
+
+def test_announced_epoch_record_goes_first_even_with_a_full_window():
+    # After a reboot the new epoch's record sits behind the backlog in the outbox; the
+    # server can seal acks with the new key only once it has it (firmware/delivery.py).
+    d = tmpdir("ln")
+    try:
+        ob = Outbox(d + "/ob", **CFG)
+        ob.recover()
+        for seq in range(1, 41):
+            ob.append(1, 4, seq, obj(1, 4, seq))
+        pos = ob.append(0, 5, 0, obj(0, 5, 0))
+        ob.append(1, 5, 1, obj(1, 5, 1))
+        sim = Sim()
+        radio = SimRadio("lte", 242, sim)
+        link = Link(ob, radio, FakeOpener(), window=4, rto_ms=60_000, rto_max_ms=60_000)
+        sent = []
+        for t in range(3):  # the window fills with backlog; nothing is acked
+            f = link.build_frame(radio, t)
+            if f is not None:
+                sent += [(parse(bytes(f))[0], e[1]) for e in parse(bytes(f))[1]]
+        if link.in_flight() != 4 or (5, 0) in sent:
+            raise AssertionError((link.in_flight(), sent))
+        if link.build_frame(radio, 3) is not None:
+            raise AssertionError("a full window sent more backlog")
+        link.announce(pos)
+        if link.wakeup_ms(radio, 4) != 0:
+            raise AssertionError("an announced record must go at once")
+        epoch, entries = parse(bytes(link.build_frame(radio, 4)))
+        if epoch != 5 or [(e[0], e[1]) for e in entries] != [(0, 0)]:
+            raise AssertionError((epoch, entries))
+        if link.in_flight() != 5:  # the reserved slot
+            raise AssertionError(link.in_flight())
+    finally:
+        rmtree(d)
