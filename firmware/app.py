@@ -89,6 +89,7 @@ class App:
         self._restarts = []
         self._was_connected = False
         self._reidentify = False  # the driver reopened the session: who is there now?
+        self._ready = False  # records can be made (the epoch exists)
 
     # -- records ---------------------------------------------------------------------------
 
@@ -204,24 +205,24 @@ class App:
             c[H.MEM_HIGH] = max(c[H.MEM_HIGH], gc.mem_alloc())
             gc.collect()  # the known quiet point: once a second, between records
             c[H.MEM_LIVE_MAX] = max(c[H.MEM_LIVE_MAX], gc.mem_alloc())
-            if self.delivery is not None:
+            if self.delivery is not None and self._ready:
                 self.delivery.housekeeping()
                 if rotate_ms and time.ticks_diff(time.ticks_ms(), last_rotate) >= rotate_ms:
                     last_rotate = time.ticks_ms()
                     if not await self._rotate():
                         last_rotate = time.ticks_add(last_rotate, _ROTATE_RETRY_MS - rotate_ms)
-            if time.ticks_diff(time.ticks_ms(), last_health) >= period_s * 1000:
+            if self._ready and time.ticks_diff(time.ticks_ms(), last_health) >= period_s * 1000:
                 last_health = time.ticks_ms()
                 await self.rec.emit(record.KIND_MODULE, self.rec.enc.health,
                                     self.health.counters)
             await asyncio.sleep_ms(_SUPERVISOR_PERIOD_MS)
 
     async def _rotate(self):
-        from firmware.epoch import EpochError
+        from firmware.delivery import SE_FAILURES
 
         try:
             ep = await self.rec.exclusive(self.delivery.rotate)
-        except (EpochError, OSError, ValueError) as e:  # the current epoch goes on
+        except SE_FAILURES as e:  # the current epoch goes on
             self.health.count(H.SE_ERRORS)
             _log.error("epoch rotation failed: %s %s", type(e).__name__, e)
             return False
@@ -255,17 +256,23 @@ class App:
                 await asyncio.sleep_ms(_RESTART_BACKOFF_MS)
 
     async def run(self, run_for_s=0):
-        named = [("pump", self.pump.run), ("poller", self.poller), ("events", self.events),
-                 ("supervisor", self.supervisor)]
-        if self.delivery is not None:
-            await self.delivery.start()  # the epoch: nothing can be sealed before it
-            named += self.delivery.tasks()
-        await self._module_event(record.MOD_BOOT)
-        tasks = [asyncio.create_task(self._guard(name, fn)) for name, fn in named]
+        # The pump link (keep-alive answers) and the supervisor (watchdog) run from the
+        # start; records are made once the epoch exists: nothing can be sealed before it, and
+        # a plaintext record never goes to flash.
+        tasks = [asyncio.create_task(self._guard("pump", self.pump.run)),
+                 asyncio.create_task(self._guard("supervisor", self.supervisor))]
         try:
+            if self.delivery is not None:
+                await self.delivery.start()
+            self._ready = True
+            await self._module_event(record.MOD_BOOT)
+            named = [("poller", self.poller), ("events", self.events)]
+            if self.delivery is not None:
+                named += self.delivery.tasks()
+            tasks += [asyncio.create_task(self._guard(name, fn)) for name, fn in named]
             if run_for_s > 0:
                 await asyncio.sleep(run_for_s)
-                await self._drain(tasks[:3])
+                await self._drain((tasks[0], tasks[2], tasks[3]))  # pump, poller, events
             else:
                 await asyncio.gather(*tasks)
         finally:

@@ -7,6 +7,7 @@
 import asyncio
 from micropython import const
 
+from drivers.stsafe.errors import SEError
 from firmware import health as H
 from firmware import log
 from firmware.epoch import EpochError
@@ -15,6 +16,10 @@ from firmware.outbox import Outbox
 from firmware.sealing import SealingSink
 
 _log = log.Logger("delivery")
+
+# What a failed epoch start or rotation raises: the epoch steps (EpochError), the secure
+# element's other commands (certificate, pinned key: SEError), the bus (OSError), bad data.
+SE_FAILURES = (EpochError, SEError, OSError, ValueError)
 
 # Epoch start needs the secure element: Decrement 15 ms + Generate Key 160 ms + Establish
 # Key 260 ms + Generate Signature 80 ms of chip time (specs/stsafe-a110.md §1 table) plus the
@@ -75,7 +80,7 @@ class Delivery:
                 await self.se.init()
                 ep = await self.sink.start()
                 break
-            except (EpochError, OSError, ValueError) as e:  # SEError is an OSError/ValueError
+            except SE_FAILURES as e:
                 self.health.count(H.SE_ERRORS)
                 _log.error("epoch start failed: %s %s; retry in %d ms", type(e).__name__, e,
                            backoff)

@@ -185,3 +185,31 @@ def test_reboot_with_a_backlog_larger_than_the_link_window_drains(tmp_path, mpy_
     assert len(backlog[1]) > 2 * 32  # more than two windows
     assert "I app: drain: outbox empty" in fw.text(), fw.text()[-20:]
     assert set(backlog[1]) <= stored_old
+
+
+def test_secure_element_missing_at_boot_is_retried_and_nothing_crashes(tmp_path, mpy_dir):
+    from serene.i2c_bridge import I2CBridgeServer
+
+    sim = PumpSimulator(scenario="normal-feed", speed=1.0)
+    sim.start()
+    try:
+        with Chain(tmp_path, checkpoint_every=8, se_time_scale=0.25) as chain:
+            port = B.free_port()  # nothing listens there yet: an unanswering bus
+            fw = Firmware(mpy_dir, config(tmp_path, chain, sim, se_bridge_port=port,
+                                          run_for_s=4, drain_s=30))
+            assert fw.wait_for(lambda: sum("epoch start failed" in ln for ln in fw.text()) >= 2,
+                               30), fw.text()[-20:]
+            assert fw.proc.poll() is None  # still running, retrying
+            with I2CBridgeServer({0x20: chain.emu}, port=port):  # the chip answers now
+                assert fw.wait(120) == 0, "\n".join(fw.text()[-30:])
+            chain.service.wait_idle(15)
+            stored = stored_seqs(chain, fw.epoch())
+    finally:
+        sim.stop()
+    text = fw.text()
+    assert any(ln.startswith("E delivery: epoch start failed: NackTimeout") for ln in text), \
+        text[:10]
+    assert "I app: drain: outbox empty" in text
+    assert not [ln for ln in text if ln.startswith("Traceback") or "task" in ln and "died" in ln]
+    assert set(fw.seqs()) <= stored and len(fw.seqs()) >= 4
+    assert fw.summary()["se_errors"] >= 2

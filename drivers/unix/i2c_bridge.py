@@ -7,7 +7,9 @@
 #   write:  'W' addr(1) len(2) data(len)   ->  status(1)
 #   read:   'R' addr(1) len(2)             ->  status(1) [data(len) if status == 0]
 #   status: 0x00 = the device ACKed its address, 0x01 = address NACK (absent or busy)
-# An address NACK is raised as OSError(ENODEV), as machine.I2C does on the stm32 port.
+# An address NACK is raised as OSError(ENODEV), as machine.I2C does on the stm32 port. So is a
+# bridge that cannot be reached (no emulator listening, or it went away): to the driver it is
+# a bus where nothing answers, and the connection is tried again at the next transfer.
 import socket
 import struct
 from micropython import const
@@ -30,18 +32,41 @@ class SocketI2C:
     """machine.I2C look-alike: writeto, readfrom, readfrom_into, over the bridge socket."""
 
     def __init__(self, host="127.0.0.1", port=0, timeout_s=_SOCKET_TIMEOUT_S):
-        ai = socket.getaddrinfo(host, port)[0]
-        self._sock = socket.socket(ai[0], socket.SOCK_STREAM)
-        self._sock.settimeout(timeout_s)
-        self._sock.connect(ai[-1])
-        # IPPROTO_TCP, TCP_NODELAY: a transfer is a few small writes; without it Nagle and
-        # delayed ACK add ~20 ms to each (measured on loopback).
-        self._sock.setsockopt(6, 1, 1)
+        self._addr = socket.getaddrinfo(host, port)[0]
+        self._timeout_s = timeout_s
+        self._sock = None
         self._hdr = bytearray(4)
         self._status = bytearray(1)
 
+    def _connect(self):
+        ai = self._addr
+        s = socket.socket(ai[0], socket.SOCK_STREAM)
+        s.settimeout(self._timeout_s)
+        try:
+            s.connect(ai[-1])
+        except OSError:
+            s.close()
+            raise OSError(_ENODEV)
+        # IPPROTO_TCP, TCP_NODELAY: a transfer is a few small writes; without it Nagle and
+        # delayed ACK add ~20 ms to each (measured on loopback).
+        s.setsockopt(6, 1, 1)
+        self._sock = s
+
     def close(self):
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _transfer(self, fn, addr, buf):
+        if self._sock is None:
+            self._connect()
+        try:
+            fn(addr, buf)
+        except OSError as e:
+            if e.errno != _ENODEV or isinstance(e, BridgeError):
+                self.close()  # the connection broke: a new one at the next transfer
+                raise OSError(_ENODEV)
+            raise
 
     def _send_header(self, op, addr, n):
         if n > _MAX_LEN:
@@ -64,12 +89,18 @@ class SocketI2C:
             raise OSError(_ENODEV)
 
     def writeto(self, addr, buf, stop=True):
-        self._send_header(_OP_WRITE, addr, len(buf))
-        self._sock.write(buf)
-        self._check_ack()
+        self._transfer(self._write, addr, buf)
         return len(buf)
 
     def readfrom_into(self, addr, buf, stop=True):
+        self._transfer(self._read, addr, buf)
+
+    def _write(self, addr, buf):
+        self._send_header(_OP_WRITE, addr, len(buf))
+        self._sock.write(buf)
+        self._check_ack()
+
+    def _read(self, addr, buf):
         self._send_header(_OP_READ, addr, len(buf))
         self._check_ack()
         self._recv_exact(buf)

@@ -106,7 +106,6 @@ async def main(port, cfg_path, n):
 
     c.WAIT_MS = (0,) * len(c.WAIT_MS)  # the emulator answers at once (time_scale 0)
     i2c = SocketI2C("127.0.0.1", port)
-    i2c._sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the bridge's round trips
     se = STSAFE(i2c, host_mac_key=unhexlify(m["host_mac_key"]),
                 host_cipher_key=unhexlify(m["host_cipher_key"]))  # fmt: skip
     await se.init()

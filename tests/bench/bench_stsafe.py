@@ -137,7 +137,6 @@ async def main(port, mac, cipher, n):
     m1 = gc.mem_alloc()
     c.WAIT_MS = (0,) * len(c.WAIT_MS)  # the emulator answers at once (time_scale 0)
     i2c = SocketI2C("127.0.0.1", port)
-    i2c._sock.setsockopt(6, 1, 1)  # TCP_NODELAY: no Nagle delay on the bridge's writes
     gc.collect()
     m2 = gc.mem_alloc()
     se = STSAFE(i2c, host_mac_key=mac, host_cipher_key=cipher)

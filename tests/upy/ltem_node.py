@@ -54,7 +54,6 @@ async def main():
 
         c.WAIT_MS = (0,) * len(c.WAIT_MS)
     i2c = SocketI2C("127.0.0.1", cfg["port"])
-    i2c._sock.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY (as seal_node.py)
     se = STSAFE(i2c, host_mac_key=unhexlify(cfg["mac_key"]),
                 host_cipher_key=unhexlify(cfg["cipher_key"]))
     await se.init()

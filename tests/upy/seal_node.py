@@ -49,7 +49,6 @@ class Node:
         i2c = SocketI2C("127.0.0.1", cfg["port"])
         # Small request/reply writes: without TCP_NODELAY, Nagle + delayed ACK cost ~20 ms a
         # transfer on loopback (the bridge is a bench artefact, not the board's bus).
-        i2c._sock.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY
         self.se = STSAFE(i2c,
                          host_mac_key=unhexlify(cfg["mac_key"]),
                          host_cipher_key=unhexlify(cfg["cipher_key"]))

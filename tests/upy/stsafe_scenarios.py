@@ -27,7 +27,6 @@ def bus(port):
     i2c = SocketI2C("127.0.0.1", port)
     # TCP_NODELAY (IPPROTO_TCP 6, option 1): SocketI2C writes header and data separately,
     # which Nagle + delayed ACK turn into ~40 ms per write on loopback.
-    i2c._sock.setsockopt(6, 1, 1)
     return i2c
 
 
