@@ -86,7 +86,8 @@ class Delivery:
                            backoff)
                 await asyncio.sleep_ms(backoff)
                 backoff = min(backoff * 2, _START_RETRY_MAX_MS)
-        self.link = Link(self.outbox, [self.radio], Cum2Acks(ep.acks))
+        self.link = Link(self.outbox, [self.radio], Cum2Acks(ep.acks),
+                         window=self.cfg["link_window"])
         self._announce()
         return ep
 

@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--backlog", type=int, default=10000)
     ap.add_argument("--latency-s", type=int, default=60)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--window", type=int, default=0, help="link_window (0 = the default)")
     ap.add_argument("--json")
     args = ap.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-delivery-"))
@@ -65,6 +66,8 @@ def main():
                     "health_period_s": 10, "data_dir": str(work / "flash"),
                     # room for the backlog: ~60 bytes a sealed record on flash
                     "outbox_capacity": max(262144, args.backlog * 100)}
+            if args.window:
+                base["link_window"] = args.window
             base.update(chain.module_config())
 
             # 1. latency and bytes
