@@ -34,8 +34,10 @@ from .cli import CliError
 #: How far back (s) a status record's reading may lie before the line that reports it: one poll
 #: exchange (1 s reply time-out + one retry, specs/pump-protocol.md) plus scheduling slack.
 READING_WINDOW_S = 3.0
-#: How often the bench samples the simulator's true state (s).
+#: How often the bench samples the simulator's true state (s), and how late a sample may see
+#: a value (the sampling thread competes for the interpreter with the line reader).
 SAMPLE_PERIOD_S = 0.01
+SAMPLE_LAG_S = 0.5
 DEVICE = "SRN-0001"
 
 
@@ -83,14 +85,27 @@ class TruthSampler:
         self._thread.join(2)
 
     def volume_seen(self, volume, at):
-        """True if the simulator held exactly `volume` within READING_WINDOW_S before `at`."""
-        held = None
-        for t, v in list(self.samples):
-            if t > at:
-                break
-            if t >= at - READING_WINDOW_S and v == volume:
+        """True if the simulator held `volume` within READING_WINDOW_S before `at`: sampled
+        exactly, or strictly between two consecutive samples of a rising volume (at high
+        simulator speed a value can live shorter than the sampling period). A reading newer
+        than the last sample waits up to SAMPLE_LAG_S for the sampler to see it."""
+        while True:
+            if self._seen(volume, at):
                 return True
-            held = v
+            if time.monotonic() > at + SAMPLE_LAG_S:
+                return False
+            time.sleep(SAMPLE_PERIOD_S)
+
+    def _seen(self, volume, at):
+        held = None
+        prev = None
+        for t, v in list(self.samples):
+            if t > at + SAMPLE_LAG_S:
+                break
+            if t >= at - READING_WINDOW_S:
+                if v == volume or (prev is not None and prev < volume < v):
+                    return True
+            prev = held = v
         return held == volume  # the value held when the window opened, unchanged since
 
 
