@@ -6,6 +6,7 @@ import struct
 import hashlib
 
 from drivers.radio.base import Radio
+from xorshift import Rng  # noqa: F401 - re-exported for the link tests
 
 ACK_KEY = b"test-ack-key-000"
 
@@ -162,24 +163,6 @@ class FakeServer:
                 bitmap |= 1 << i
         self.ctr += 1
         return seal_ack(self.ctr, epoch, cum, bitmap, self.nbits)
-
-
-class Rng:
-    """Small deterministic PRNG (xorshift32), the same on every run."""
-
-    def __init__(self, seed):
-        self.s = seed or 1
-
-    def next(self):
-        s = self.s
-        s ^= (s << 13) & 0xFFFFFFFF
-        s ^= s >> 17
-        s ^= (s << 5) & 0xFFFFFFFF
-        self.s = s
-        return s
-
-    def random(self):
-        return self.next() / 4294967296
 
 
 class Channel:

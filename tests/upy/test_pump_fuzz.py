@@ -8,30 +8,13 @@
 import asyncio
 
 from pump_fake import frame
+from xorshift import Rng
 
 from drivers.pump import base
 from drivers.pump.fkbase import FKBasePump
 
 FRAMES = 100000  # fuzz items (frames, mutated frames, garbage runs) fed in one test
 CONTROL = b"\x00\x01\x02\x03\x04\x05\x06\x10\x14\x15\x1b\x7f"
-
-
-class Rand:
-    """xorshift32: deterministic and cheap on MicroPython."""
-
-    def __init__(self, seed):
-        self.s = seed or 1
-
-    def next(self):
-        s = self.s
-        s ^= (s << 13) & 0xFFFFFFFF
-        s ^= s >> 17
-        s ^= (s << 5) & 0xFFFFFFFF
-        self.s = s
-        return s
-
-    def below(self, n):
-        return self.next() % n
 
 
 class SinkLine:
@@ -113,8 +96,8 @@ def _mutate(r, f):
 
 
 async def test_fuzz_receive_path_100k_frames():
-    r = Rand(20240601)
-    line = SinkLine(Rand(7))
+    r = Rng(20240601)
+    line = SinkLine(Rng(7))
     pump = FKBasePump(line)
     reader = asyncio.create_task(pump.run())
     got = []
