@@ -32,7 +32,7 @@ DEFAULTS = {
     # store and forward
     "outbox_capacity": 262144,  # bytes of sealed objects kept on flash at most
     "outbox_segment": 4096,  # = the littlefs block size (firmware/outbox.py)
-    "link_window": 128,  # objects in flight before an ack: the ack round trip bounds the rate
+    "link_window": 64,  # objects in flight before an ack: the ack round trip bounds the rate
     "checkpoint_every_n": 32,  # a signed checkpoint every N sealed records...
     "checkpoint_every_s": 600,  # ... and at least this often
     "epoch_rotate_s": 86400,  # a new epoch (new keys) this often, besides every boot; 0 = never
