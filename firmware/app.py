@@ -233,6 +233,8 @@ class App:
 
     def _escalating(self):
         """Too many task restarts lately: stop feeding the watchdog so the board resets."""
+        if not self._restarts:
+            return False  # the usual case: no list made every second
         now = time.ticks_ms()
         self._restarts = [t for t in self._restarts
                           if time.ticks_diff(now, t) < _RESTART_WINDOW_MS]
