@@ -420,3 +420,33 @@ def test_incremental_ack_state_agrees_with_ack_from_seqs(seqs, batches, seed):
     for i in range(batches):
         state.add(order[i::batches])
     assert state.ack() == vp.ack_from_seqs(seqs | {0})
+
+
+def test_process_batches_and_a_failing_frame_loses_only_itself(home, ingest, monkeypatch):
+    """process() writes without committing; one frame's unexpected error rolls back that
+    frame only (a savepoint), the rest of the batch commits with commit()."""
+    m = started(home, ingest)
+    acks1 = ingest.process(up(), m.frame((K_RECORD, 1, m.record(1))))
+    real = ingest.store.add_object
+    calls = []
+
+    def boom(*a, **kw):
+        calls.append(a)
+        real(*a, **kw)  # the write happens, then the frame fails: it must be rolled back
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ingest.store, "add_object", boom)
+    assert ingest.process(up(), m.frame((K_RECORD, 2, m.record(2)))) == []
+    monkeypatch.undo()
+    acks3 = ingest.process(up(), m.frame((K_RECORD, 3, m.record(3))))
+    ingest.refuse(DEV, "queue full", 300)
+    # Nothing is durable before commit(): another connection sees only the epoch record.
+    other = Store(db_path(home), readonly=True)
+    assert [s for (s,) in other.db.execute("SELECT seq FROM objects")] == [0]
+    ingest.commit()
+    assert sorted(s for (s,) in other.db.execute("SELECT seq FROM objects")) == [0, 1, 3]
+    other.close()
+    assert calls and m.open_ack(one_ack(acks1))[1:] == (EPOCH, 1, 0)
+    assert m.open_ack(one_ack(acks3))[1:][:2] == (EPOCH, 1)
+    led = ledger(ingest)
+    assert led["rejects"] == {"internal error": 1, "queue full": 1}

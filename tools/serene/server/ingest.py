@@ -38,6 +38,8 @@ KINDS = {0: "epoch", 1: "record", 2: "checkpoint", 3: "event"}
 OPENED_AS = {0: "epoch", 1: "record", 2: "checkpoint", 3: "record"}
 #: No radio's MTU is above this (LTE-M 1024); a longer uplink is refused before parsing.
 MAX_FRAME = 4096
+#: Entries in one frame (contract G).
+MAX_ENTRIES = 64
 TOPIC_RE = re.compile(r"^serene/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/up$")
 
 
@@ -81,12 +83,34 @@ def down_topic(device):
     return "serene/%s/down" % device
 
 
+class WorkerIdInUse(RuntimeError):
+    """Another running ingest holds this worker id (contract E: worker ids are unique among
+    running ingest processes, or two of them could seal the same (key, nonce))."""
+
+
 class Ingest:
-    def __init__(self, verifier, store, clock=time.time, max_frame=MAX_FRAME):
+    """See the module docstring. API for the intake service:
+
+        ing = Ingest(verifier, store, clock=time.time, worker_id=0, max_epoch_step=1000)
+        acks = ing.process(topic, payload)   # -> [(down topic, ack bytes)]; never raises;
+                                             # nothing committed yet
+        ing.refuse(device, reason, size)     # an intake refusal (queue full, QoS 0, quota...)
+        ing.commit()                         # the batch is durable: NOW publish its acks
+        ing.due_acks(now=None)               # deferred acks whose tick has come (commit first)
+        ing.work_budget_ok(device)           # False: process() refuses the device's frames
+        ing.handle(topic, payload)           # process + commit (tests)
+        ing.close()
+    """
+
+    def __init__(self, verifier, store, clock=time.time, worker_id=0, max_epoch_step=1000,
+                 max_frame=MAX_FRAME, max_entries=MAX_ENTRIES):
         self.v = verifier
         self.store = store
         self.clock = clock
+        self.worker_id = worker_id
+        self.max_epoch_step = max_epoch_step
         self.max_frame = max_frame
+        self.max_entries = max_entries
         self.reassembly = {}  # device -> linkframe.Reassembler (fragments survive no restart)
         self._acks = {}  # (device, epoch) -> AckState, loaded from the database when first used
         self.restore()
@@ -104,23 +128,56 @@ class Ingest:
     # --- entry point -----------------------------------------------------------------------
 
     def handle(self, topic, payload):
-        """Process one uplink; return the acks to publish. Never raises: an unexpected error
-        is logged, rolled back and recorded as an "internal error" reject."""
+        """process() then commit(): the acks to publish (tests, simple callers)."""
+        acks = self.process(topic, payload)
+        self.commit()
+        return acks
+
+    def process(self, topic, payload):
+        """Process one uplink WITHOUT committing; return the acks to publish once commit()
+        has returned. Never raises: an unexpected error is logged, that frame's writes are
+        rolled back (a savepoint) and it is recorded as an "internal error" reject."""
         payload = bytes(payload)
         dev = device_from_topic(topic)
+        db = self.store.db
+        if not db.in_transaction:
+            db.execute("BEGIN")
+        db.execute("SAVEPOINT frame")
         try:
-            return self._handle(topic, dev, payload)
+            acks = self._handle(topic, dev, payload)
+            db.execute("RELEASE SAVEPOINT frame")
+            return acks
         except Exception as e:  # noqa: BLE001 - the server must outlive any input
             log.error("internal error on %r: %s\n%s", topic, e, traceback.format_exc())
             self._acks.clear()  # they may be ahead of what was rolled back: reload
             try:
-                self.store.rollback()
+                db.execute("ROLLBACK TO SAVEPOINT frame")
+                db.execute("RELEASE SAVEPOINT frame")
                 self.store.add_reject(dev or "?", "internal error", repr(e)[:300],
                                       payload=payload, now=self.clock())
-                self.store.commit()
             except Exception:  # noqa: BLE001 - the database itself failed: logged above
                 log.exception("cannot record the internal error")
             return []
+
+    def commit(self):
+        """Make everything process() and refuse() did durable. Acks may be published after."""
+        self.store.commit()
+
+    def refuse(self, device, reason, size):
+        """Count an uplink the intake refused before process() (queue full, QoS 0, over
+        quota...): in the ledger as a reject, committed with the next commit()."""
+        self.store.add_reject(device or "?", reason, "%s bytes" % size, now=self.clock())
+
+    def due_acks(self, now=None):
+        """Acks deferred by the Partial IV rule whose tick has come (commit, then publish)."""
+        return []
+
+    def work_budget_ok(self, device):
+        """False while the device has spent its work budget (process() then refuses it)."""
+        return True
+
+    def close(self):
+        self.store.close()
 
     def _reject(self, dev, reason, detail="", epoch=None, seq=None, kind=None, payload=None):
         log.info("reject %s %s/%s/%s: %s %s", dev, KINDS.get(kind, kind), epoch, seq, reason,
@@ -132,22 +189,18 @@ class Ingest:
         st = self.store
         if dev is None:
             self._reject("?", "bad topic", repr(topic)[:100], payload=payload)
-            st.commit()
             return []
         st.count(dev, "frames")
         if dev not in self.v.certs and not self.v.accept_unregistered:
             self._reject(dev, "unregistered device", payload=payload)
-            st.commit()
             return []
         if len(payload) > self.max_frame:
             self._reject(dev, "frame too long", "%d bytes" % len(payload), payload=payload)
-            st.commit()
             return []
         try:
             frame = linkframe.parse(payload)
         except LinkFrameError as e:
             self._reject(dev, "bad frame", str(e), payload=payload)
-            st.commit()
             return []
         authentic = False
         for e in frame.entries:
@@ -158,7 +211,6 @@ class Ingest:
             obj = self._reassemble(dev, frame.epoch, e)
             if obj is not None and self._object(dev, frame.epoch, e.seq, e.kind, obj):
                 authentic = True
-        st.commit()
         if not authentic:
             return []
         ack = self._ack(dev, frame.epoch)
@@ -282,5 +334,4 @@ class Ingest:
         ack = self.v.seal_ack(dev, epoch, cum, bitmap, epoch=current)
         st.set_next_ack_piv(dev, current, self.v.epoch(dev, current).next_ack_piv)
         st.count(dev, "acks")
-        st.commit()
         return ack
