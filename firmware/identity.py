@@ -33,6 +33,11 @@ class Identity:
         self.server_key_length = _int(sk, "length")
         self.epoch_counter_zone = _int(_dict(zones, "epoch_counter"), "zone")
         self.factory_key_slot = _int(zones, "factory_key_slot")
+        # Local envelope key slot (wraps the persisted ack keys); absent from a module.json
+        # written before it existed: slot 0, where provisioning puts it.
+        self.envelope_key_slot = 0
+        if "envelope_key_slot" in zones:
+            self.envelope_key_slot = _int(zones, "envelope_key_slot")
 
 
 def load(path):

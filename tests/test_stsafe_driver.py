@@ -206,3 +206,37 @@ def test_without_host_keys_authenticated_commands_are_refused_locally(upy, chip)
     assert r["generate_key"] == "CryptoError"
     assert r["echo"] == "plain" and r["sig_len"] == 64
     assert 0x11 not in [c for c, _, _ in emu.commands]
+
+
+# RFC 3394 §4.1 "Wrap 128 bits of Key Data with a 128-bit KEK".
+RFC3394_KEK = bytes.fromhex("000102030405060708090A0B0C0D0E0F")
+RFC3394_DATA = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+RFC3394_WRAPPED = bytes.fromhex("1FA68B0A8112B447AEF34BD8FB5A7B829D3E862371D2CFE5")
+
+
+def test_wrap_and_unwrap_local_envelope(upy, chip):
+    emu, cfg = chip
+    slot = cfg["zones"]["envelope_key_slot"]
+    # Provisioning made an AES-128 key in the module's envelope slot; the test gives it the
+    # RFC's KEK so that the driver's envelope can be checked against the RFC.
+    key = emu.state["envelope_keys"][str(slot)]
+    assert key["type"] == 0 and len(bytes.fromhex(key["key"])) == 16
+    key["key"] = RFC3394_KEK.hex()
+    r = run(upy, emu, cfg, "envelope", slot, RFC3394_DATA.hex())
+    assert r["table"] == [[0, 16], [1, None]]
+    assert bytes.fromhex(r["envelope"]) == RFC3394_WRAPPED
+    assert bytes.fromhex(r["unwrapped"]) == RFC3394_DATA
+    assert r["blob_roundtrip"] is True and r["big"] == [488, True]
+    assert r["bad_lengths"] == ["ParameterError"] * 9 and r["nothing_sent"] is True
+    assert r["altered"] == "InconsistentCommandData"  # the chip's status, as its class
+    assert r["empty_slot"] == "KeyNotFound"
+    assert r["n_driver"] == r["n_chip"] == emu.host_counter
+    # On the bus, the plain data never appears: Wrap's command and Unwrap's response are
+    # encrypted (the chip's table), and every Wrap/Unwrap went with a C-MAC.
+    blob = bytes(range(32))
+    wire = [(f, rsp) for f, rsp in emu.wire if f[0] & 0x1F in (0x0E, 0x0F)]
+    assert len(wire) >= 6
+    for f, rsp in wire:
+        assert f[0] & 0xE0 == 0xE0
+        for plain in (RFC3394_DATA, blob[:16]):
+            assert plain not in f and plain not in rsp

@@ -295,6 +295,58 @@ def test_queries():
     assert keys[0] == 3 and keys[4:8] == b"\x00\x00\x00\x00"
 
 
+# RFC 3394 §4.1 "Wrap 128 bits of Key Data with a 128-bit KEK".
+RFC3394_KEK = bytes.fromhex("000102030405060708090A0B0C0D0E0F")
+RFC3394_DATA = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+RFC3394_WRAPPED = bytes.fromhex("1FA68B0A8112B447AEF34BD8FB5A7B829D3E862371D2CFE5")
+
+
+def test_wrap_unwrap_local_envelope_rfc3394_vector():
+    emu, host = paired()
+    assert host.local_envelope_keys() == {0: None, 1: None}
+    with pytest.raises(StsafeHostError) as e:
+        host.wrap(0, RFC3394_DATA)
+    assert e.value.status == 0x0A  # KEY_NOT_FOUND: no key in the slot yet
+    host.generate_local_envelope_key(0, 0)
+    host.generate_local_envelope_key(1, 1)
+    assert host.local_envelope_keys() == {0: 16, 1: 32}
+    with pytest.raises(StsafeHostError) as e:
+        host.generate_local_envelope_key(0, 0)
+    assert e.value.status == 0x11  # written once: old envelopes stay readable
+    # The chip's slot-0 key set to the RFC's KEK: Wrap gives the RFC's ciphertext.
+    emu.state["envelope_keys"]["0"]["key"] = RFC3394_KEK.hex()
+    emu.wire.clear()
+    assert host.wrap(0, RFC3394_DATA) == RFC3394_WRAPPED
+    assert host.unwrap(0, RFC3394_WRAPPED) == RFC3394_DATA
+    # On the wire: the Wrap command and the Unwrap response are encrypted (the plain key
+    # never crosses the bus), and both went with a C-MAC and an R-MAC. (The RFC's key data
+    # happens to be the test's host MAC key, sent in clear by Put Attribute: not looked at.)
+    wraps = [(f, r) for f, r in emu.wire if f[0] & 0x1F in (P.WRAP, P.UNWRAP)]
+    assert len(wraps) == 2 and all(f[0] & 0xE0 == 0xE0 and r[0] == 0x40 for f, r in wraps)
+    for frame, rsp in wraps:
+        assert RFC3394_DATA not in frame and RFC3394_DATA not in rsp
+    # A 480-byte key blob (the largest) round-trips through slot 1 (AES-256).
+    blob = os.urandom(480)
+    env = host.wrap(1, blob)
+    assert len(env) == 488 and host.unwrap(1, env) == blob
+    # An altered envelope, another slot's envelope, bad lengths: refused, no data.
+    bad = bytearray(RFC3394_WRAPPED)
+    bad[10] ^= 1
+    for slot, envelope, status in ((0, bytes(bad), 0x02), (1, RFC3394_WRAPPED, 0x02),
+                                   (0, RFC3394_WRAPPED[:-1], 0x03), (0, bytes(16), 0x03)):
+        with pytest.raises(StsafeHostError) as e:
+            host.unwrap(slot, envelope)
+        assert e.value.status == status
+    for data in (bytes(8), bytes(17), bytes(488)):
+        with pytest.raises(StsafeHostError) as e:
+            host.wrap(0, data)
+        assert e.value.status == 0x03
+    # Without the host C-MAC: refused (AC host), nothing unwrapped.
+    for cmd in (P.WRAP, P.UNWRAP):
+        r = P.parse_response(xfer(emu, P.command_frame(cmd, b"\x00" + RFC3394_WRAPPED)))
+        assert r[0] == 0x1E and r[1] == b""
+
+
 def test_cli_serves_the_chip_and_saves_it(tmp_path):
     state = tmp_path / "chip.json"
     proc = subprocess.Popen(

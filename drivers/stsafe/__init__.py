@@ -127,6 +127,10 @@ class STSAFE(Session):
     generate_signature = _c.generate_signature
     verify_signature = _c.verify_signature
     establish_key = _c.establish_key
+    query_local_envelope_keys = _c.query_local_envelope_keys
+    generate_envelope_key = _c.generate_envelope_key
+    wrap = _c.wrap
+    unwrap = _c.unwrap
 
     async def random(self, n):
         """n random bytes from the chip, in commands of at most 255."""

@@ -14,6 +14,9 @@
 # - Private key table (Query 0x14) layout is [SL]'s: <count><change right><global usage
 #   limit:2> then per slot <slot><presence><mode:2>[<curve OID LV> if present].
 # - Generate Key usage limit 0 = no limit; slot 0xFF always gets usage limit 1 ([MW]).
+# - Local envelope key table (Query 0x07): <nslots> then per slot <slot><presence>[<key
+#   length in bytes>]. Wrap takes 16..480 bytes, a multiple of 8 (RFC 3394 needs >= 16; 480
+#   keeps an encrypted Wrap command, 1 + 480 bytes padded to 496, inside the 507-byte frame).
 import struct
 from collections import namedtuple
 from micropython import const
@@ -68,7 +71,8 @@ WAIT_MS = (
     15,  # 0x1A Verify Password
 )  # fmt: skip
 
-# Query subject tags (spec §4).
+# Query subject tags (spec §4). 0x07 is also Generate Key's local-envelope variant.
+TAG_LOCAL_ENVELOPE = const(0x07)
 TAG_LIFE_CYCLE = const(0x08)
 TAG_I2C = const(0x0A)
 TAG_PRODUCT_DATA = const(0x11)
@@ -78,6 +82,9 @@ TAG_PRIVATE_KEY_TABLE = const(0x14)
 TAG_HOST_KEY_SLOT = const(0x17)
 TAG_COMMAND_AUTH = const(0x24)
 
+_WRAP_MIN = const(16)  # Wrap input bytes (see the assumptions above)
+_WRAP_MAX = const(480)
+_WRAP_OVERHEAD = const(8)  # RFC 3394: the envelope is the data + one 64-bit block
 ZONE_COUNTER = const(1)  # data partition zone type 1 = one-way counter (spec §5)
 _AC_HOST = const(1)  # zone access condition "host": needs host C-MAC (spec §5)
 _POINT_UNCOMPRESSED = const(0x04)
@@ -585,3 +592,80 @@ async def establish_key(s, slot, peer_pubkey):
     oid, size = _check_point(ESTABLISH_KEY, peer_pubkey)
     return await s.run(ESTABLISH_KEY, WAIT_MS[ESTABLISH_KEY], 2 + size, _b_establish, _p_secret,
                        (slot, peer_pubkey, size))  # fmt: skip
+
+
+# --- Local envelopes (spec §4: Wrap 0x0E / Unwrap 0x0F, RFC 3394 AES key wrap) ---
+
+
+def _p_envelope_table(s, m, arg):
+    d = _data(s, m)
+    if m < 1:
+        raise LengthError(QUERY, detail=0)
+    out = {}
+    i = 1
+    for _ in range(d[0]):
+        if i + 2 > m:
+            raise LengthError(QUERY, detail=i)
+        slot, present = d[i], d[i + 1]
+        i += 2
+        out[slot] = None
+        if present:
+            if i >= m:
+                raise LengthError(QUERY, detail=i)
+            out[slot] = d[i]
+            i += 1
+    return out
+
+
+async def query_local_envelope_keys(s):
+    """{slot: key length in bytes (16 or 32), or None for an empty slot} (Query 0x07)."""
+    return await _query(s, TAG_LOCAL_ENVELOPE, None, _p_envelope_table)
+
+
+def _b_envkey(buf, a):
+    buf[1] = TAG_LOCAL_ENVELOPE
+    buf[2] = a[0]
+    buf[3] = a[1]
+    return 3
+
+
+async def generate_envelope_key(s, slot, aes256=False):
+    """Generate Key, local-envelope variant: an AES-128 (or AES-256) key in local envelope
+    key slot `slot`, inside the chip. Nothing is returned: the key never leaves it."""
+    if not 0 <= slot <= 0xFF:
+        raise ParameterError(GENERATE_KEY, detail="slot")
+    await s.run(GENERATE_KEY, WAIT_MS[GENERATE_KEY], 0, _b_envkey, _p_none,
+                (slot, 1 if aes256 else 0))  # fmt: skip
+
+
+def _b_slot_data(buf, a):
+    n = len(a[1])
+    buf[1] = a[0]
+    buf[2 : 2 + n] = a[1]
+    return 1 + n
+
+
+def _check_wrap(cmd, slot, n, lo):
+    if not 0 <= slot <= 0xFF or n & 7 or not lo <= n <= lo + _WRAP_MAX - _WRAP_MIN:
+        raise ParameterError(cmd, detail="slot, or length not a multiple of 8 in range")
+
+
+async def wrap(s, slot, data):
+    """Wrap Local Envelope: data (16..480 bytes, a multiple of 8) wrapped under the local
+    envelope key in slot (RFC 3394): an envelope 8 bytes longer. The command, which carries
+    data in clear, is encrypted on the bus when the chip's table says so (the profile does)."""
+    n = len(data)
+    _check_wrap(WRAP, slot, n, _WRAP_MIN)
+    return await s.run(WRAP, WAIT_MS[WRAP], n + _WRAP_OVERHEAD, _b_slot_data, _p_bytes,
+                       (slot, data))  # fmt: skip
+
+
+async def unwrap(s, slot, envelope):
+    """Unwrap Local Envelope: the data inside an envelope made by wrap() with the same slot.
+    An envelope that fails the RFC 3394 integrity check raises the chip's status as an
+    SEStatusError subclass; the response (the data in clear) is encrypted on the bus when the
+    chip's table says so (the profile does)."""
+    n = len(envelope)
+    _check_wrap(UNWRAP, slot, n, _WRAP_MIN + _WRAP_OVERHEAD)
+    return await s.run(UNWRAP, WAIT_MS[UNWRAP], n - _WRAP_OVERHEAD, _b_slot_data, _p_bytes,
+                       (slot, envelope))  # fmt: skip

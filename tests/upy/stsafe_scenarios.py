@@ -203,6 +203,36 @@ async def encrypted(se, i2c, peer):
     }
 
 
+async def envelope(se, i2c, slot, data):
+    """Wrap and Unwrap Local Envelope through the driver; argument checks and chip errors."""
+    await se.init()
+    r = {"table": sorted([k, v] for k, v in (await se.query_local_envelope_keys()).items())}
+    env = await se.wrap(slot, data)
+    r["envelope"] = hexs(env)
+    r["unwrapped"] = hexs(await se.unwrap(slot, env))
+    blob = bytes(range(32))  # an ack key (16) + ack common IV (13), zero-padded to 32
+    r["blob_roundtrip"] = (await se.unwrap(slot, await se.wrap(slot, blob))) == blob
+    big = bytes(i & 0xFF for i in range(480))
+    big_env = await se.wrap(slot, big)
+    r["big"] = [len(big_env), (await se.unwrap(slot, big_env)) == big]
+    sent = chip_counter(i2c)
+    bad_lengths = []  # (no await in a comprehension on MicroPython)
+    for n in (0, 8, 15, 17, 488):
+        bad_lengths.append(await expect_error(se.wrap(slot, bytes(n))))
+    for n in (16, 23, 25, 496):
+        bad_lengths.append(await expect_error(se.unwrap(slot, bytes(n))))
+    r["bad_lengths"] = bad_lengths
+    r["nothing_sent"] = chip_counter(i2c) == sent
+    bad = bytearray(env)
+    bad[3] ^= 0x01
+    r["altered"] = await expect_error(se.unwrap(slot, bytes(bad)))
+    r["empty_slot"] = await expect_error(se.unwrap(1, env))
+    await se.echo(b"resync")  # after a chip error N is re-queried before the next command
+    r["n_driver"] = se.counter
+    r["n_chip"] = chip_counter(i2c)
+    return r
+
+
 async def init_only(se, i2c):
     try:
         await se.init()
@@ -226,6 +256,7 @@ SCENARIOS = {
     "faults": (faults, lambda a: (int(a[0]),)),
     "ticker": (ticker, lambda a: (unhex(a[0]), unhex(a[1]))),
     "encrypted": (encrypted, lambda a: (unhex(a[0]),)),
+    "envelope": (envelope, lambda a: (int(a[0]), unhex(a[1]))),
     "init_only": (init_only, lambda a: ()),
     "no_keys": (no_keys, lambda a: ()),
 }

@@ -31,6 +31,9 @@ def _calls():
         lambda se: se.generate_signature(0, b"\x01" * 32),
         lambda se: se.verify_signature(PEER, bytes(64), b"\x01" * 32),
         lambda se: se.establish_key(0xFF, PEER),
+        lambda se: se.query_local_envelope_keys(),
+        lambda se: se.wrap(0, bytes(16)),
+        lambda se: se.unwrap(0, bytes(24)),
     )
 
 

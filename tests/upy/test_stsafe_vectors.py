@@ -61,6 +61,43 @@ def test_plain_command_frames_on_the_wire():
         raise AssertionError("host key slot")
 
 
+def test_local_envelope_frames_on_the_wire():
+    # No host keys, no authorization table: the plain frames of spec §4 (cmd <slot> <data>;
+    # Generate Key's local-envelope variant 07 <slot> <key type>; Query tag 07), CRC by the
+    # bit-wise reference.
+    data = bytes(range(16))
+    env = bytes(range(100, 124))
+
+    def frame_of(body):
+        c = crc_x25(body)
+        return body + bytes([c >> 8, c & 0xFF])
+
+    cases = [
+        (lambda se: se.wrap(1, data), b"\x0e\x01" + data, rsp(0, env), env),
+        (lambda se: se.unwrap(1, env), b"\x0f\x01" + env, rsp(0, data), data),
+        (lambda se: se.generate_envelope_key(0), b"\x11\x07\x00\x00", rsp(0), None),
+        (lambda se: se.generate_envelope_key(1, aes256=True), b"\x11\x07\x01\x01", rsp(0),
+         None),
+        (lambda se: se.query_local_envelope_keys(), b"\x14\x07",
+         rsp(0, b"\x02\x00\x01\x10\x01\x00"), {0: 16, 1: None}),
+    ]
+    for call, body, answer, want in cases:
+        i2c = FakeI2C([answer])
+        got = _run(i2c, call)
+        eq(i2c.written[0], frame_of(body))
+        if got != want:
+            raise AssertionError((body, got, want))
+    # An envelope refused by the chip: its status as a named SEStatusError.
+    i2c = FakeI2C([rsp(0x02)])
+    try:
+        _run(i2c, lambda se: se.unwrap(0, env))
+    except errors.SEStatusError as e:
+        if type(e).__name__ != "InconsistentCommandData" or e.code != 0x02 or e.cmd != 0x0F:
+            raise AssertionError(repr(e))
+    else:
+        raise AssertionError("bad envelope accepted")
+
+
 def test_query_product_data_frame_and_mask_check():
     pd = b"\x01\x03\x00\x46\x09" + b"\x02\x09" + bytes(9) + b"\x03\x02\x01\xfb"
     i2c = FakeI2C([rsp(0, pd)])

@@ -9,8 +9,9 @@ are NACKed until the command's processing time (the §1 wait table x time_scale)
 every read restarts at byte 0 of the response and may be short; a command with a bad CRC
 gets status 0x01; the host C-MAC counter N is kept, C-MACs checked (0x16) and R-MACs made;
 commands and responses are encrypted as the command authorization table says; zone access
-conditions, one-way counters, key slots (modes, usage limits, single-use slot 0xFF) and the
-life-cycle state are enforced. Private keys exist only in this object and its state file.
+conditions, one-way counters, key slots (modes, usage limits, single-use slot 0xFF), local
+envelope keys (Wrap / Unwrap Local Envelope, RFC 3394 AES key wrap) and the life-cycle state
+are enforced. Private keys exist only in this object and its state file.
 
 Faults for tests (inject(kind, count=1, cmd=None, **kw); `cmd` limits a fault to one command
 code): "nack_storm" (NACK the next `count` transfers), "stuck_busy" (NACK everything until
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from . import profile
@@ -91,6 +93,7 @@ def blank_state(rng=os.urandom):
         "command_auth": {"change_right": 0, "table": [list(r) for r in profile.COMMAND_AUTH]},
         "zones": zones,
         "key_slots": {str(s): None for s in profile.KEY_SLOTS if s != 0xFF},
+        "envelope_keys": {str(s): None for s in profile.ENVELOPE_SLOTS},
     }
 
 
@@ -98,6 +101,8 @@ class StsafeEmulator:
     def __init__(self, state, path=None, time_scale=1.0, autosave=None, clock=time.monotonic):
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise EmulatorError("not an STSAFE emulator state (%r)" % (path,))
+        # A state saved before local envelope keys existed: empty slots.
+        state.setdefault("envelope_keys", {str(s): None for s in profile.ENVELOPE_SLOTS})
         self.state = state
         self.path = path
         self.time_scale = float(time_scale)
@@ -508,6 +513,8 @@ class StsafeEmulator:
         return priv, curve
 
     def _generate_key(self, p, host):
+        if p[:1] == bytes([P.TAG_LOCAL_ENVELOPE]):
+            return self._generate_envelope_key(p)
         if len(p) < 8 or p[0] != P.TAG_PRIVATE_KEY_SLOT:
             raise _Fail("INCONSISTENT_COMMAND_DATA")
         slot, limit, mode = p[1], int.from_bytes(p[2:4], "big"), int.from_bytes(p[4:6], "big")
@@ -537,6 +544,45 @@ class StsafeEmulator:
             }
             self._changed()
         return _point_lv(priv.public_key(), P.CURVES[curve][1])
+
+    def _generate_envelope_key(self, p):
+        """Local-envelope variant (§4): 07 <slot> <key type 0 AES-128, 1 AES-256> [seed]."""
+        if len(p) < 3:
+            raise _Fail("INCONSISTENT_COMMAND_DATA")
+        slot, keytype = p[1], p[2]
+        size = profile.ENVELOPE_KEY_SIZES.get(keytype)
+        if slot not in profile.ENVELOPE_SLOTS or size is None:
+            raise _Fail("VALUE_OUT_OF_RANGE")
+        if self.state["envelope_keys"].get(str(slot)) is not None:
+            raise _Fail("UNSATISFIED_ACCESS_CONDITION")  # written once (profile.ASSUMPTIONS)
+        self.state["envelope_keys"][str(slot)] = {"type": keytype, "key": os.urandom(size).hex()}
+        self._changed()
+        return b""
+
+    def _envelope_key(self, p):
+        if not p:
+            raise _Fail("INCONSISTENT_COMMAND_DATA")
+        k = self.state["envelope_keys"].get(str(p[0]))
+        if k is None:
+            raise _Fail("KEY_NOT_FOUND")
+        return bytes.fromhex(k["key"])
+
+    def _wrap(self, p, host):
+        key = self._envelope_key(p)
+        data = p[1:]
+        if len(data) % 8 or not _WRAP_MIN <= len(data) <= _WRAP_MAX:
+            raise _Fail("VALUE_OUT_OF_RANGE")
+        return aes_key_wrap(key, data)
+
+    def _unwrap(self, p, host):
+        key = self._envelope_key(p)
+        env = p[1:]
+        if len(env) % 8 or not _WRAP_MIN + 8 <= len(env) <= _WRAP_MAX + 8:
+            raise _Fail("VALUE_OUT_OF_RANGE")
+        try:
+            return aes_key_unwrap(key, env)
+        except InvalidUnwrap:
+            raise _Fail("INCONSISTENT_COMMAND_DATA") from None
 
     def _generate_signature(self, p, host):
         if len(p) < 3:
@@ -618,6 +664,12 @@ class StsafeEmulator:
             ca = st["command_auth"]
             out = bytes([ca["change_right"], len(ca["table"])])
             return out + b"".join(bytes(r) for r in ca["table"])
+        if tag == P.TAG_LOCAL_ENVELOPE:
+            out = bytes([len(profile.ENVELOPE_SLOTS)])
+            for slot in profile.ENVELOPE_SLOTS:
+                k = st["envelope_keys"].get(str(slot))
+                out += bytes([slot, 0] if k is None else [slot, 1, len(k["key"]) // 2])
+            return out
         if tag == P.TAG_PRIVATE_KEY_TABLE:
             out = bytes([len(profile.KEY_SLOTS), 0]) + b"\xff\xff"
             for slot in profile.KEY_SLOTS:
@@ -632,6 +684,7 @@ class StsafeEmulator:
 
 
 _POINT = (Encoding.X962, PublicFormat.UncompressedPoint)
+_WRAP_MIN, _WRAP_MAX = 16, 480  # Wrap input bytes (profile.ASSUMPTIONS "envelope_sizes")
 
 
 def _point_lv(pub, size):
@@ -670,6 +723,8 @@ _HANDLERS = {
     P.GENERATE_SIGNATURE: StsafeEmulator._generate_signature,
     P.VERIFY_SIGNATURE: StsafeEmulator._verify_signature,
     P.ESTABLISH_KEY: StsafeEmulator._establish_key,
+    P.WRAP: StsafeEmulator._wrap,
+    P.UNWRAP: StsafeEmulator._unwrap,
 }
 
 

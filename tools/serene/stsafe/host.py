@@ -172,3 +172,28 @@ class StsafeHost:
             payload = bytes([option, zone]) + (offset + i).to_bytes(2, "big") + data[i : i + k]
             self.command(P.UPDATE, payload)
             i += k
+
+    # --- local envelopes (Wrap / Unwrap Local Envelope, §4) ---
+
+    def local_envelope_keys(self):
+        """{slot: key length in bytes, or None if the slot is empty} (Query 0x07)."""
+        d = self.query(P.TAG_LOCAL_ENVELOPE)
+        out, off = {}, 1
+        for _ in range(d[0]):
+            slot, present = d[off], d[off + 1]
+            off += 2
+            out[slot] = None
+            if present:
+                out[slot] = d[off]
+                off += 1
+        return out
+
+    def generate_local_envelope_key(self, slot, keytype=0):
+        """Generate Key, local-envelope variant: 07 <slot> <0 AES-128 | 1 AES-256>."""
+        self.command(P.GENERATE_KEY, bytes([P.TAG_LOCAL_ENVELOPE, slot, keytype]))
+
+    def wrap(self, slot, data):
+        return self.command(P.WRAP, bytes([slot]) + data)
+
+    def unwrap(self, slot, envelope):
+        return self.command(P.UNWRAP, bytes([slot]) + envelope)

@@ -24,6 +24,18 @@ ASSUMPTIONS = {
     "padding": "responses padded minimally (0x80 then zeros); commands accepted either way",
     "all_zero_digest": "Generate Signature of an all-zero digest hangs the chip (NACKs until a "
     "power cycle), as [MW]'s WORKAROUND_GENERATE_SIGNATURE says",
+    "envelope_slots": "two local envelope key slots, 0 and 1 ([MW] STSAFEA_KEY_SLOT_0/1)",
+    "envelope_key_once": "Generate Key of a local envelope key into a full slot answers 0x11 "
+    "(the slot is written once: regenerating it would make every stored envelope unreadable)",
+    "envelope_seed": "the optional seed of the local envelope Generate Key variant is accepted "
+    "and not used: the key comes from the chip's random generator",
+    "envelope_table": "Query 0x07: <nslots> then per slot <slot><presence>[<key length in "
+    "bytes: 16 or 32>]",
+    "envelope_sizes": "Wrap takes 16..480 bytes, a multiple of 8 (480: an encrypted Wrap "
+    "command, 1 + 480 bytes padded to 496, still fits the 507-byte frame); Unwrap 24..488; "
+    "other lengths answer 0x03 VALUE_OUT_OF_RANGE",
+    "unwrap_integrity": "an envelope whose RFC 3394 integrity check fails answers 0x02 "
+    "INCONSISTENT_COMMAND_DATA (no data)",
 }
 
 # Product data TLVs (Query 0x11, §4): 64 bytes on an A110. Mask id 0x4609 is in the A110
@@ -74,13 +86,20 @@ ZONE_FIELDS = ("index", "type", "read_ac", "read_right", "update_ac", "update_ri
 
 # Command authorization (Query 0x24): (command, AC, encryption flags). AC 3 = host C-MAC;
 # flags bit1 = command encrypted, bit0 = response encrypted. Commands not listed are free.
+# Every command that uses a private key, a local envelope key or a counter needs the host
+# C-MAC (docs/stsafe.md): only the paired MCU can make the chip sign, agree a key, wrap,
+# unwrap or count; without it any process on the bus is a signing oracle (issue 8, item 4).
 COMMAND_AUTH = [
     (0x04, 3, 0),  # Decrement
     (0x06, 3, 0),  # Update
+    (0x0E, 3, 0x02),  # Wrap Local Envelope: command (the plain key) encrypted
+    (0x0F, 3, 0x01),  # Unwrap Local Envelope: response (the plain key) encrypted
     (0x11, 3, 0),  # Generate Key
     (0x18, 3, 0x01),  # Establish Key: response (the shared secret) encrypted
 ]
 KEY_SLOTS = (0x00, 0x01, 0xFF)
+ENVELOPE_SLOTS = (0, 1)  # local envelope key slots
+ENVELOPE_KEY_SIZES = {0: 16, 1: 32}  # Generate Key key type -> AES key length
 
 # --- The module's zone map: what lives where. The firmware reads these names from
 # devices/<id>/module.json; provisioning writes and locks them. ---
@@ -91,6 +110,7 @@ CA_KEY_OFFSET = 65  # manufacturer CA public key, 04||X||Y (65 bytes)
 EPOCH_COUNTER_ZONE = 5  # one-way counter: epoch numbers; Decrement needs host C-MAC
 FACTORY_KEY_SLOT = 0  # device key (signs epochs and checkpoints); certificate in CERT_ZONE
 EPHEMERAL_KEY_SLOT = 0xFF  # per-epoch ECDH key, single use
+ENVELOPE_KEY_SLOT = 0  # local envelope key (AES-128): wraps the ack keys the module persists
 FACTORY_KEY_MODE = 0x0004  # may sign a host digest, nothing else
 AC_NEVER_LOCKED = 4  # update AC written on the certificate zone after provisioning
 
@@ -104,4 +124,5 @@ def zone_map():
         "epoch_counter": {"zone": EPOCH_COUNTER_ZONE},
         "factory_key_slot": FACTORY_KEY_SLOT,
         "ephemeral_key_slot": EPHEMERAL_KEY_SLOT,
+        "envelope_key_slot": ENVELOPE_KEY_SLOT,
     }

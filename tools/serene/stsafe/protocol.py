@@ -20,7 +20,8 @@ WAIT_MS = {
 }  # fmt: skip
 BOOT_MS = 10  # [SL] stsafea_boot_time / wake-up time
 
-# Query tags (§4).
+# Query tags (§4). TAG_LOCAL_ENVELOPE is also Generate Key's local-envelope variant.
+TAG_LOCAL_ENVELOPE = 0x07
 TAG_LIFE_CYCLE, TAG_I2C, TAG_PRODUCT_DATA, TAG_DATA_PARTITION = 0x08, 0x0A, 0x11, 0x12
 TAG_PRIVATE_KEY_SLOT, TAG_PRIVATE_KEY_TABLE, TAG_HOST_KEY_SLOT = 0x13, 0x14, 0x17
 TAG_COMMAND_AUTH = 0x24

@@ -17,7 +17,8 @@ Layout under DIR (docs/stsafe.md explains each choice):
 Per module, through the chip's own command interface (as a provisioning station would):
 Put Attribute host keys -> Generate Key in slot 0 (inside the chip) -> device certificate
 signed by the CA -> Update zone 0 and lock it -> pin server + CA public keys in their zone
-(update AC host) -> self-test: the chip signs, the certificate's key verifies. Each step first
+(update AC host) -> local envelope key in slot 0 -> self-test: the chip signs, the
+certificate's key verifies, an envelope round-trips. Each step first
 checks whether it is already done, so a second run changes nothing and an interrupted run can
 be resumed.
 """
@@ -318,8 +319,20 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
             % (device_id, profile.EPOCH_COUNTER_ZONE)
         )
 
-    # 6. Self-test after any change: the chip's slot-0 key is the certificate's key.
+    # 6. The local envelope key (AES-128), generated inside the chip: the module wraps the
+    # ack keys it persists with it (Wrap / Unwrap Local Envelope). Written once.
+    if host.local_envelope_keys().get(profile.ENVELOPE_KEY_SLOT) is None:
+        host.generate_local_envelope_key(profile.ENVELOPE_KEY_SLOT, 0)
+        changed = True
+
+    # 7. Self-test after any change: the chip's slot-0 key is the certificate's key, and the
+    # envelope key wraps and unwraps.
     if changed:
+        probe = os.urandom(32)
+        if host.unwrap(profile.ENVELOPE_KEY_SLOT, host.wrap(profile.ENVELOPE_KEY_SLOT, probe)) != (
+            probe
+        ):
+            raise ProvisionError("%s: the chip's local envelope does not round-trip" % device_id)
         digest = os.urandom(32)
         sig = host.command(P.GENERATE_SIGNATURE, bytes([profile.FACTORY_KEY_SLOT]) + P.lv(digest))
         r, off = P.take_lv(sig, 0)
