@@ -151,6 +151,24 @@ def test_refuses_what_it_cannot_repair(tmp_path):
     assert not (tmp_path / "server" / "server.key.pem").exists()
 
 
+def test_refuses_a_chip_with_the_old_command_table(tmp_path):
+    # A home provisioned with the old profile (Generate Signature free, no Wrap/Unwrap rows):
+    # its chips are signing oracles and their table cannot be changed; refused, untouched.
+    provision(tmp_path, ["SRN-0001"])
+    chip = tmp_path / "devices" / "SRN-0001" / "stsafe.json"
+    emu = StsafeEmulator.load(chip, time_scale=0)
+    emu.set_command_auth([(0x04, 3, 0), (0x06, 3, 0), (0x11, 3, 0), (0x18, 3, 0x01)])
+    before = snapshot(tmp_path)
+    with pytest.raises(ProvisionError, match=r"lets 0x0E, 0x0F, 0x16 run without the host "
+                       r"C-MAC .*provision a new chip"):  # fmt: skip
+        provision(tmp_path, ["SRN-0001"])
+    assert snapshot(tmp_path) == before
+    chip.unlink()  # a new chip for that module: provisioned afresh
+    (tmp_path / "devices" / "SRN-0001" / "module.json").unlink()
+    (tmp_path / "devices" / "SRN-0001" / "device.crt.pem").unlink()
+    assert provision(tmp_path, ["SRN-0001"]) == {"SRN-0001": "created"}
+
+
 def test_cli(tmp_path, capsys):
     assert cli.main(["provision", "--home", str(tmp_path), "--devices", "2"]) == 0
     assert capsys.readouterr().out.split() == ["SRN-0001", "created", "SRN-0002", "created"]

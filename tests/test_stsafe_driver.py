@@ -82,6 +82,8 @@ def test_every_command_round_trips_with_cmac_rmac(upy, chip, home):
     assert zones[profile.SERVER_KEY_ZONE][4] == 1  # update AC: host
     assert zones[profile.EPOCH_COUNTER_ZONE][1] == 1  # one-way counter
     assert r["auth"] == sorted(list(row) for row in profile.COMMAND_AUTH)
+    for cmd in profile.HOST_ONLY_COMMANDS:  # sign, agree, generate, count, wrap, unwrap
+        assert [cmd, 3] in [row[:2] for row in r["auth"]], hex(cmd)
     assert r["keys"][0] == [0, True, profile.FACTORY_KEY_MODE, "P-256"]
     # Zones read back what was written (300 bytes: two chunks; 150 atomic: three chunks).
     data = bytes(i & 0xFF for i in range(300))
@@ -203,9 +205,43 @@ def test_init_refuses_another_chip(upy, chip):
 def test_without_host_keys_authenticated_commands_are_refused_locally(upy, chip):
     emu, cfg = chip
     r = run(upy, emu, cfg, "no_keys", keys=False, mpy=False)
-    assert r["generate_key"] == "CryptoError"
-    assert r["echo"] == "plain" and r["sig_len"] == 64
-    assert 0x11 not in [c for c, _, _ in emu.commands]
+    assert r["generate_key"] == "CryptoError" and r["sig"] == "CryptoError"
+    assert r["echo"] == "plain"
+    assert not {0x11, 0x16} & {c for c, _, _ in emu.commands}
+
+
+KEY_COMMANDS = ("generate_key_1", "generate_key_ff", "establish_key", "generate_signature",
+                "decrement", "wrap", "unwrap")  # fmt: skip
+
+
+def test_the_chip_is_no_signing_oracle_for_the_bus(upy, chip):
+    """Issue 8, item 4: a process on the I2C bus without the host keys cannot make the chip
+    sign, agree a key, generate a key, count, wrap or unwrap: the provisioned command
+    authorization table needs the host C-MAC for each (UNAUTHORIZED_COMMAND 0x1E), and a
+    guessed key gets INVALID_CMAC 0x16. Nothing changes on the chip. The paired MCU can."""
+    emu, cfg = chip
+    peer = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(*POINT)
+    before = json.dumps(emu.state, sort_keys=True)
+    r = run(upy, emu, cfg, "oracle", peer.hex(), keys=False)
+    assert r["plain"] == {**{c: "UnauthorizedCommand" for c in KEY_COMMANDS}, "unwrapped": None}
+    assert r["guessed_keys"] == {**{c: "InvalidCMAC" for c in KEY_COMMANDS}, "unwrapped": None}
+    # What the chip saw and answered: the plain commands refused with 0x1E, none executed.
+    key_cmds = {0x04, 0x0E, 0x0F, 0x11, 0x16, 0x18}
+    seen = [(c, st) for c, st, _ in emu.commands if c in key_cmds]
+    assert {c for c, _ in seen} == key_cmds
+    assert {st for _, st in seen} == {0x1E, 0x16}
+    # Nothing changed: counter, key slots (and their usage counts), envelope keys, N.
+    assert json.dumps(emu.state, sort_keys=True) == before
+    assert emu.zone(profile.EPOCH_COUNTER_ZONE)["counter"] == 1_000_000
+    assert emu.public_key(1) is None and emu.public_key(0xFF) is None
+
+    # The paired MCU (the module's host keys, as the firmware runs the driver) can.
+    uses = emu.state["key_slots"]["0"]["uses"]
+    r = run(upy, emu, cfg, "oracle", peer.hex())["paired"]
+    assert {c: r[c] for c in KEY_COMMANDS} == {c: "ok" for c in KEY_COMMANDS}
+    assert bytes.fromhex(r["unwrapped"]) == bytes(range(16))
+    assert emu.zone(profile.EPOCH_COUNTER_ZONE)["counter"] == 999_999
+    assert emu.public_key(1) is not None and emu.state["key_slots"]["0"]["uses"] == uses + 1
 
 
 # RFC 3394 §4.1 "Wrap 128 bits of Key Data with a 128-bit KEK".

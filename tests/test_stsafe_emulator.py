@@ -267,7 +267,9 @@ def test_faults():
 def test_all_zero_digest_hangs_like_the_chip():
     emu, host = paired()
     host.generate_key(0, 0x0004)
-    assert emu.i2c_write(P.command_frame(P.GENERATE_SIGNATURE, b"\x00" + P.lv(bytes(32))))
+    _, n = host.host_key_slot()
+    hdr, payload = P.GENERATE_SIGNATURE | 0xE0, b"\x00" + P.lv(bytes(32))  # AC host: C-MAC'd
+    assert emu.i2c_write(P.command_frame(hdr, payload, P.c_mac(MAC_KEY, n, hdr, payload)))
     assert emu.i2c_read(3) is None and emu.i2c_write(P.command_frame(0, b"")) is False
     emu.power_cycle()
     assert xfer(emu, P.command_frame(0, b"up"))[3:5] == b"up"
@@ -289,6 +291,12 @@ def test_queries():
     assert host.query(P.TAG_I2C) == bytes([0x40, 0])
     table = host.query(P.TAG_COMMAND_AUTH)
     assert table[1] == len(profile.COMMAND_AUTH)
+    # Every command using a private key, an envelope key or a counter needs the host C-MAC:
+    # sent plain, each is refused with UNAUTHORIZED_COMMAND before it runs.
+    assert set(profile.HOST_ONLY_COMMANDS) == {0x04, 0x0E, 0x0F, 0x11, 0x16, 0x18}
+    for cmd in profile.HOST_ONLY_COMMANDS:
+        assert host.authorization()[cmd][0] == P.AC_HOST
+        assert P.parse_response(xfer(emu, P.command_frame(cmd, b"\x00" * 40)))[0] == 0x1E
     zones = host.data_partition()
     assert sorted(zones) == list(range(8)) and zones[5]["counter"] == 1_000_000
     keys = host.query(P.TAG_PRIVATE_KEY_TABLE)

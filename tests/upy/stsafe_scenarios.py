@@ -246,8 +246,50 @@ async def no_keys(se, i2c):
     return {
         "generate_key": await expect_error(se.generate_key(0xFF)),
         "echo": (await se.echo(b"plain")).decode(),
-        "sig_len": len(await se.generate_signature(0, b"\x02" * 32)),
+        "sig": await expect_error(se.generate_signature(0, b"\x02" * 32)),
     }
+
+
+async def _attempt(coro):
+    try:
+        v = await coro
+    except errors.SEError as e:
+        return name(e), None
+    return "ok", v
+
+
+async def _key_commands(se, peer):
+    """Every command that uses a private key, an envelope key or a counter, once each."""
+    r = {}
+    for what, fn in (
+        ("generate_key_1", lambda: se.generate_key(1)),
+        ("generate_key_ff", lambda: se.generate_key(0xFF)),
+        ("establish_key", lambda: se.establish_key(0xFF, peer)),
+        ("generate_signature", lambda: se.generate_signature(0, b"\x01" * 32)),
+        ("decrement", lambda: se.decrement(5)),
+        ("wrap", lambda: se.wrap(0, bytes(range(16)))),
+    ):
+        r[what], v = await _attempt(fn())
+        if what == "wrap":
+            env = v if v is not None else bytes(24)
+    r["unwrap"], v = await _attempt(se.unwrap(0, env))
+    r["unwrapped"] = hexs(v) if v is not None else None
+    return r
+
+
+async def oracle(se, i2c, peer):
+    """A bus client that asks the chip to sign, agree a key, count, wrap or unwrap. Without
+    host keys it sends the plain commands (no init: the driver then does not know the chip's
+    table and refuses nothing itself), and again with guessed host keys; with the module's
+    keys, as the firmware does."""
+    if se.keys is not None:
+        await se.init()
+        return {"paired": await _key_commands(se, peer)}
+    r = {"plain": await _key_commands(se, peer)}
+    guess = STSAFE(i2c, host_mac_key=bytes(16), host_cipher_key=bytes(16))
+    await guess.init()
+    r["guessed_keys"] = await _key_commands(guess, peer)
+    return r
 
 
 SCENARIOS = {
@@ -259,6 +301,7 @@ SCENARIOS = {
     "envelope": (envelope, lambda a: (int(a[0]), unhex(a[1]))),
     "init_only": (init_only, lambda a: ()),
     "no_keys": (no_keys, lambda a: ()),
+    "oracle": (oracle, lambda a: (unhex(a[0]),)),
 }
 
 

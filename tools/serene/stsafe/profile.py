@@ -95,8 +95,12 @@ COMMAND_AUTH = [
     (0x0E, 3, 0x02),  # Wrap Local Envelope: command (the plain key) encrypted
     (0x0F, 3, 0x01),  # Unwrap Local Envelope: response (the plain key) encrypted
     (0x11, 3, 0),  # Generate Key
+    (0x16, 3, 0),  # Generate Signature
     (0x18, 3, 0x01),  # Establish Key: response (the shared secret) encrypted
 ]
+# The commands that must need the host C-MAC (AC 3) in a chip's table: provisioning refuses a
+# chip whose table lets any of them run without it (an older personalisation profile).
+HOST_ONLY_COMMANDS = (0x04, 0x0E, 0x0F, 0x11, 0x16, 0x18)
 KEY_SLOTS = (0x00, 0x01, 0xFF)
 ENVELOPE_SLOTS = (0, 1)  # local envelope key slots
 ENVELOPE_KEY_SIZES = {0: 16, 1: 32}  # Generate Key key type -> AES key length

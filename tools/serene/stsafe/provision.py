@@ -237,6 +237,22 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
         raise ProvisionError("%s: %s" % (device_id, e)) from None
     host = StsafeHost(emu)
 
+    # 0. The chip's command authorization table is set at personalisation (change right 0:
+    # no command changes it). One that lets a command using a private key, an envelope key
+    # or a counter run without the host C-MAC makes the chip a signing oracle for anything on
+    # the bus: such a chip is refused, never provisioned.
+    auth = host.authorization()
+    loose = [
+        c for c in profile.HOST_ONLY_COMMANDS if auth.get(c, (P.AC_FREE, 0))[0] != P.AC_HOST
+    ]
+    if loose:
+        raise ProvisionError(
+            "%s: the chip's command authorization table lets %s run without the host C-MAC "
+            "(an older profile); the table cannot be changed after personalisation: provision "
+            "a new chip (remove %s, or use a new --home)"
+            % (device_id, ", ".join("0x%02X" % c for c in loose), d)
+        )
+
     # 1. Pairing: the MCU's host keys, recorded before the chip gets them.
     present, _ = host.host_key_slot()
     if module_path.exists():
