@@ -69,6 +69,12 @@ def test_layout_and_chain(home):
         assert cfg["zones"]["certificate"]["zone"] == profile.CERT_ZONE
         assert cfg["zones"]["epoch_counter"]["zone"] == profile.EPOCH_COUNTER_ZONE
         assert emu.zone(cfg["zones"]["epoch_counter"]["zone"])["type"] == 1
+    # the first epoch the module will announce: 2^32-1 - (counter after one Decrement)
+    for dev in IDS:
+        emu = StsafeEmulator.load(home / "devices" / dev / "stsafe.json", time_scale=0)
+        counter = emu.zone(profile.EPOCH_COUNTER_ZONE)["counter"]
+        assert counter == 1_000_000
+        assert registry["devices"][dev]["first_epoch"] == 2**32 - 1 - (counter - 1)
     # two modules, two different identities and pairings
     a, b = (json.loads((home / "devices" / i / "module.json").read_text()) for i in IDS)
     assert a["host_mac_key"] != b["host_mac_key"]
@@ -103,6 +109,18 @@ def test_private_keys_only_in_chips_and_ca_server(home):
     assert pem_files == ["ca/ca.key.pem", "server/server.key.pem"]
     # raw or hex scalars: each chip's key in its own state file, nowhere else
     assert where == {dev: ["devices/%s/stsafe.json" % dev] for dev in IDS}
+
+
+def test_first_epoch_kept_after_the_module_counted(tmp_path):
+    provision(tmp_path, ["SRN-0001"])
+    reg = json.loads((tmp_path / "registry.json").read_text())
+    first = reg["devices"]["SRN-0001"]["first_epoch"]
+    emu = StsafeEmulator.load(tmp_path / "devices" / "SRN-0001" / "stsafe.json", time_scale=0)
+    emu.zone(profile.EPOCH_COUNTER_ZONE)["counter"] -= 5  # the module ran: five epochs
+    emu.save()
+    provision(tmp_path, ["SRN-0001"])
+    reg = json.loads((tmp_path / "registry.json").read_text())
+    assert reg["devices"]["SRN-0001"]["first_epoch"] == first == 2**32 - 1_000_000
 
 
 def test_more_devices_later_and_resume(tmp_path):

@@ -12,7 +12,9 @@ Layout under DIR (docs/stsafe.md explains each choice):
     devices/<id>/device.crt.pem  the device certificate (also in the chip's zone 0)
     devices/<id>/module.json the MODULE's configuration: device id, I2C address, host MAC and
                              cipher keys (the MCU's half of the pairing), zone map
-    registry.json            device id -> certificate, for the server
+    registry.json            device id -> certificate, public key, I2C address and
+                             first_epoch (the first epoch the module will announce), for the
+                             server
 
 Per module, through the chip's own command interface (as a provisioning station would):
 Put Attribute host keys -> Generate Key in slot 0 (inside the chip) -> device certificate
@@ -363,7 +365,13 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
             raise ProvisionError(
                 "%s: the chip's key does not match its certificate" % device_id
             ) from None
-    return cert, changed
+    return cert, changed, ez["counter"]
+
+
+def first_epoch(counter):
+    """The first epoch a module announces when its epoch counter zone holds `counter`: the
+    firmware's epoch is 2^32 - 1 - (the counter after its Decrement) (firmware/epoch.py)."""
+    return 2**32 - 1 - counter + 1
 
 
 def _product_tlv(pd, tag):
@@ -402,13 +410,19 @@ def provision(home, device_ids):
     for dev in device_ids:
         fresh = not (home / "devices" / dev / "stsafe.json").exists()
         try:
-            cert, changed = _provision_device(home, dev, ca_key, ca_cert, server_cert)
+            cert, changed, counter = _provision_device(home, dev, ca_key, ca_cert, server_cert)
         except StsafeHostError as e:
             raise ProvisionError("%s: %s" % (dev, e)) from None
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        entry = registry["devices"].get(dev, {})
+        first = first_epoch(counter)
+        if entry.get("certificate") == pem and "first_epoch" in entry:
+            first = entry["first_epoch"]  # the same chip may have counted since: kept
         registry["devices"][dev] = {
-            "certificate": cert.public_bytes(serialization.Encoding.PEM).decode(),
+            "certificate": pem,
             "public_key": cert.public_key().public_bytes(*_POINT).hex(),
             "i2c_address": profile.I2C_ADDRESS,
+            "first_epoch": first,
         }
         result[dev] = "created" if fresh else ("updated" if changed else "unchanged")
     if registry != old:
