@@ -25,7 +25,10 @@ def brk(tmp_path_factory):
 
 
 def probe(brk, who, **kw):
-    creds = brk.server_credentials() if who == "server" else brk.credentials(who)
+    if who == "server":
+        creds = brk.server_credentials()
+        return B.Probe(brk.server_port, creds["username"], creds["password"], **kw)
+    creds = brk.credentials(who)
     return B.Probe(brk.port, creds["username"], creds["password"], **kw)
 
 
@@ -53,7 +56,8 @@ def test_credentials_are_private_stable_and_per_device(tmp_path):
     assert json.loads(path.read_text()) == again
 
 
-@pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "a b", B.SERVER_USER, "x" * 65])
+@pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "a b", B.SERVER_USER, "serene-server-0",
+                                 "serene-hub", "SERENE-x", "x" * 65])
 def test_unusable_device_ids_are_refused(tmp_path, bad):
     with pytest.raises(B.BrokerError):
         B.ensure_credentials(tmp_path, [bad])
@@ -66,6 +70,65 @@ def test_anonymous_and_wrong_password_are_refused(brk):
         B.Probe(brk.port, "dev-a", "not-the-password")
     with pytest.raises(B.BrokerError, match="refused"):
         B.Probe(brk.port, "nobody", brk.credentials("dev-a")["password"])
+
+
+def test_each_account_authenticates_on_its_own_listener_only(brk):
+    srv, dev = brk.server_credentials(), brk.credentials("dev-a")
+    with pytest.raises(B.BrokerError, match="refused"):
+        B.Probe(brk.port, srv["username"], srv["password"])  # server account, device listener
+    with pytest.raises(B.BrokerError, match="refused"):
+        B.Probe(brk.server_port, dev["username"], dev["password"])  # and the other way round
+    with pytest.raises(B.BrokerError, match="refused"):
+        B.Probe(brk.server_port)
+    assert "dev-a" not in (brk.dir / "server.passwd").read_text()
+    assert B.SERVER_USER not in (brk.dir / "devices.passwd").read_text()
+    with probe(brk, "server"), probe(brk, "dev-a"):
+        pass
+
+
+def _takeover_loop(brk, attacker, victim_id, victim, watcher, up_dev, n=30):
+    """`attacker` (a device account) connects n times with client id `victim_id`, while
+    `up_dev`'s genuine connection publishes between attempts: `watcher` must receive every
+    one of them, and neither the victim's nor the watcher's connection is ever closed."""
+    creds = brk.credentials(attacker)
+    sent = []
+    for i in range(n):
+        a = B.Probe(brk.port, creds["username"], creds["password"], client_id=victim_id)
+        payload = b"genuine %d" % i
+        up_dev.publish("serene/%s/up" % up_dev_id(up_dev), payload)
+        sent.append(payload)
+        a.close()
+    got = []
+    while len(got) < len(sent):
+        msg = watcher.get(5)
+        assert msg is not None, "received %d of %d" % (len(got), len(sent))
+        got.append(msg[1])
+    assert got == sent
+    assert victim.disconnects == 0 and watcher.disconnects == 0 and up_dev.disconnects == 0
+
+
+def up_dev_id(p):
+    return p.client._client_id.decode()
+
+
+def test_a_device_cannot_take_over_the_servers_client_id(brk):
+    # Attack 1 of issue 8: a device account connecting with the server's client id made
+    # Mosquitto close the server's connection. Now the device listener names every
+    # connection after its account, and server client ids exist on the server listener only.
+    with probe(brk, "server", client_id="serene-server-0") as srv, \
+            probe(brk, "dev-a", client_id="dev-a") as a:
+        assert srv.subscribe("serene/+/up") == 1
+        _takeover_loop(brk, "dev-b", "serene-server-0", srv, srv, a)
+
+
+def test_a_device_cannot_take_over_another_devices_connection(brk):
+    with probe(brk, "server", client_id="serene-server-0") as srv, \
+            probe(brk, "dev-a", client_id="dev-a") as a:
+        assert srv.subscribe("serene/+/up") == 1
+        assert a.subscribe("serene/dev-a/down") == 1
+        _takeover_loop(brk, "dev-b", "dev-a", a, srv, a)
+        srv.publish("serene/dev-a/down", b"still here")  # the victim still receives
+        assert a.get() == ("serene/dev-a/down", b"still here")
 
 
 def test_device_cannot_publish_to_another_devices_topics(brk):
@@ -111,6 +174,27 @@ def test_server_cannot_publish_uplinks(brk):
         assert srv.get(0.2) is None
 
 
+def test_broker_files_are_private_and_bounds_are_set(brk):
+    assert stat.S_IMODE(os.stat(brk.dir).st_mode) == 0o700
+    for name in ("credentials.json", "devices.passwd", "server.passwd", "devices.acl",
+                 "server.acl", "mosquitto.conf"):
+        assert stat.S_IMODE(os.stat(brk.dir / name).st_mode) == 0o600, name
+    conf = (brk.dir / "mosquitto.conf").read_text()
+    assert "max_packet_size %d" % B.MAX_PACKET in conf and B.MAX_PACKET < 2048
+    for key in ("max_queued_bytes", "max_queued_messages", "max_inflight_messages"):
+        assert key in conf
+
+
+def test_a_packet_above_the_largest_frame_is_refused_by_the_broker(brk):
+    with probe(brk, "server") as srv, probe(brk, "dev-a") as a:
+        assert srv.subscribe("serene/+/up") == 1
+        a.publish("serene/dev-a/up", b"\xa5" * 1024)  # the largest legitimate frame
+        assert srv.get() == ("serene/dev-a/up", b"\xa5" * 1024)
+        with pytest.raises(B.BrokerError):
+            a.publish("serene/dev-a/up", b"\x00" * 4096)  # the broker disconnects its sender
+        assert srv.get(0.5) is None
+
+
 def test_restart_keeps_port_and_accounts(tmp_path):
     b = B.Broker(tmp_path, ["dev-a"]).start()
     try:
@@ -135,6 +219,15 @@ def test_tls_listener_serves_the_pinned_certificate(tmp_path):
         with B.Probe(b.tls_port, creds["username"], creds["password"],
                      tls_ca=b.dir / "tls" / "cert.pem"):
             pass
+        # TLS only for the modules: no plain device listener at all.
+        assert b.port is None and b.info()["port"] is None
+        conf = (b.dir / "mosquitto.conf").read_text()
+        assert conf.count("listener ") == 2 and conf.count("use_username_as_clientid true") == 1
+        with pytest.raises(B.BrokerError):  # plain MQTT on the TLS port
+            B.Probe(b.tls_port, creds["username"], creds["password"], timeout=1)
+        srv = b.server_credentials()
+        with B.Probe(b.server_port, srv["username"], srv["password"]):  # loopback, plain
+            pass
         cert = x509.load_der_x509_certificate(b.cert_der.read_bytes())
         assert cert.subject == cert.issuer
 
@@ -147,8 +240,10 @@ def test_a_taken_port_is_chosen_again(tmp_path, monkeypatch):
     squat.bind(("127.0.0.1", 0))
     squat.listen()
     taken = squat.getsockname()[1]
-    ports = iter([taken, B.free_port()])
-    monkeypatch.setattr(B, "free_port", lambda host="127.0.0.1": next(ports))
+    real_free_port = B.free_port
+    ports = iter([taken])
+    monkeypatch.setattr(B, "free_port", lambda host="127.0.0.1": next(ports, None)
+                        or real_free_port(host))
     try:
         with B.Broker(tmp_path, ["dev-a"]) as b:
             assert b.port != taken and b.running()

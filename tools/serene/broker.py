@@ -1,30 +1,46 @@
 """A private Mosquitto broker for the bench and the tests: per-device accounts and ACLs.
 
     with Broker(home, ["dev-1", "dev-2"]) as b:    # or b = Broker(...).start(); ...; b.stop()
-        b.port                       # loopback TCP port (plain MQTT)
-        b.tls_port                   # loopback TLS port when Broker(..., tls=True), else None
+        b.port                       # the modules' loopback port (plain MQTT); None with tls=True
+        b.tls_port                   # the modules' TLS port when Broker(..., tls=True), else None
+        b.server_port                # the server processes' own loopback listener (plain MQTT)
         b.credentials("dev-1")       # {"username": "dev-1", "password": "..."}
-        b.server_credentials()       # the medical server's account
+        b.server_credentials()       # the medical server's account (valid on server_port only)
 
-Everything lives under `<home>/broker/`:
+Two kinds of listener, each with its own accounts (per_listener_settings true):
+- the device listener(s) (`port`, and `tls_port` with tls=True): device accounts only, and
+  `use_username_as_clientid true`: a connection's client id IS its account name, whatever it
+  asked for. One account can take over only its own previous connection, never another
+  device's, never a server process's (device ids may not start with SERVER_PREFIX).
+- the server listener (`server_port`, 127.0.0.1): the server account only. Server processes
+  choose their client ids (serene-server-<worker id>, all under SERVER_PREFIX); no device can
+  authenticate there, so no device can take one of them over. It stays plain even with
+  tls=True: it is bound to loopback only, so its traffic never leaves the host, and whoever can
+  read loopback traffic can read the server's key files too. Server processes on other hosts
+  (docs/scale.md) would need a TLS server listener.
+With tls=True the plain device listener is closed (TLS only for modules) unless
+Broker(..., plain=True) asks for both (benchmarks that compare them).
+
+Everything lives under `<home>/broker/` (mode 0700; every file holding a secret 0600):
     credentials.json   one account per device plus the server's (mode 0600), made once by
                        ensure_credentials() and kept: a module keeps its password across restarts
-    passwd             Mosquitto password file, PBKDF2-SHA512 hashes in Mosquitto's own format
-                       (`user:$7$<iterations>$<salt b64>$<hash b64>`, what mosquitto_passwd -b
+    devices.passwd     Mosquitto password files, PBKDF2-SHA512 hashes in Mosquitto's own format
+    server.passwd      (`user:$7$<iterations>$<salt b64>$<hash b64>`, what mosquitto_passwd -b
                        writes; tests/test_broker.py checks the two agree)
-    acl                device <id>: write serene/<id>/up, read serene/<id>/down, nothing else;
-                       the server: read serene/+/up, write serene/+/down
-    mosquitto.conf     loopback listener(s) only, allow_anonymous false, no persistence
+    devices.acl        device <id>: write serene/<id>/up, read serene/<id>/down, nothing else
+    server.acl         the server: read serene/+/up and serene/+/down, write serene/+/down
+    mosquitto.conf     loopback listeners only, allow_anonymous false, no persistence, bounds
     mosquitto.log      the broker's log
     tls/               with tls=True: a self-signed P-256 certificate for 127.0.0.1/localhost that
                        the modules pin (cert.der), and its key
 
-The port is chosen free at the first start and kept for the Broker object's life, so a broker
+The ports are chosen free at the first start and kept for the Broker object's life, so a broker
 stopped and started again (the reconnection tests) listens where the modules expect it.
 Mosquitto is Debian's 2.0.x (`apt-get install mosquitto`, done by tools/dev).
 """
 
 import base64
+import contextlib
 import datetime
 import getpass
 import hashlib
@@ -40,12 +56,33 @@ import subprocess
 import time
 
 SERVER_USER = "serene-server"
+#: Every server account and server client id starts with this; no device id may.
+SERVER_PREFIX = "serene-"
 #: A device id becomes an MQTT username and a topic level: no wildcard, separator or space.
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: PBKDF2-SHA512 as Mosquitto 2.0 stores it (password_mosq.c: hash type 7, 12-byte salt).
 PW_HASH_TYPE = 7
 PW_SALT_LEN = 12
 PW_ITERATIONS = 1000  # mosquitto_passwd's default is 101; more costs only at connect
+#: The largest legitimate packet (/tmp contract G, docs/link-format.md): a PUBLISH of a 1024-byte
+#: link frame (the LTE-M MTU; LoRa <= 222, BLE <= 244) on serene/<64-char id>/up: fixed header 1
+#: + remaining length 2 + topic length 2 + topic 7 + 64 + 3 + packet id 2 + 1024 = 1105 bytes;
+#: MQTT 5 properties (none sent today) get the rest of the margin. CONNECT with a 64-char user
+#: and a 32-char password is ~120 bytes. Anything larger disconnects its sender.
+MAX_PACKET = 1280
+#: Per client (the server's persistent session above all): QoS-1 messages sent and not yet
+#: PUBACKed. The server PUBACKs only after its database commit (serene.server.service), so its
+#: window must cover what arrives during one batch and its commit (~20 ms) at the highest rate
+#: (~20,000 frames/s from a flood): 2000 leaves margin; the server's own byte bounds cap what it
+#: holds meanwhile. A module receives only acks (< 64 bytes): the same window costs it nothing.
+MAX_INFLIGHT = 2000
+#: Queued above the in-flight window, per client: what the server cannot take yet waits here
+#: (a server restart, a commit stall). 20 MiB / 20,000 frames is ~20 s of a 1,000-module fleet
+#: at one frame a second; beyond it Mosquitto drops the newest silently, which loses nothing:
+#: a module keeps every object in its outbox until a sealed ack covers it and retransmits.
+#: Whichever limit is reached first applies.
+MAX_QUEUED_MESSAGES = 20000
+MAX_QUEUED_BYTES = 20 * 1024 * 1024
 #: How long a starting broker may take to accept connections (it takes ~10 ms here).
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -67,8 +104,9 @@ def check_device_id(device_id):
     if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
         raise BrokerError("device id %r is not usable as an MQTT username and topic level "
                           "(letters, digits, '_', '.', '-', at most 64)" % (device_id,))
-    if device_id == SERVER_USER:
-        raise BrokerError("device id %r is reserved for the server account" % device_id)
+    if device_id.lower().startswith(SERVER_PREFIX):
+        raise BrokerError("device id %r: the prefix %r is reserved for the server's accounts "
+                          "and client ids" % (device_id, SERVER_PREFIX))
 
 
 def mosquitto_exe():
@@ -84,14 +122,28 @@ def broker_dir(home):
     return pathlib.Path(home) / "broker"
 
 
-def _write_private(path, text):
-    """Write a file readable by its owner only (created so, never widened afterwards)."""
+def private_dir(path):
+    """A directory only its owner may enter (0700), made with its parents if needed."""
     path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path, text):
+    """Write a file readable by its owner only (0600, even over an existing wider file),
+    atomically, in a directory that is private_dir()."""
+    path = pathlib.Path(path)
+    private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(text)
     os.replace(tmp, path)
+
+
+_write_private = write_private
 
 
 def _new_password():
@@ -106,7 +158,7 @@ def ensure_credentials(home, device_ids):
     for dev in ids:
         check_device_id(dev)
     d = broker_dir(home)
-    d.mkdir(parents=True, exist_ok=True)
+    private_dir(d)
     path = d / "credentials.json"
     creds = {"server": None, "devices": {}}
     if path.exists():
@@ -137,21 +189,41 @@ def password_hash(password, salt=None, iterations=PW_ITERATIONS):
                              base64.b64encode(dk).decode())
 
 
-def password_file_text(creds):
-    accounts = [creds["server"]] + [creds["devices"][d] for d in sorted(creds["devices"])]
+def _device_accounts(creds):
+    """The device accounts of `creds` that may exist on a device listener (a credentials file
+    edited by hand with an id under SERVER_PREFIX or unusable as a topic level is ignored)."""
+    out = []
+    for dev in sorted(creds["devices"]):
+        try:
+            check_device_id(dev)
+        except BrokerError:
+            continue
+        if creds["devices"][dev].get("username") == dev:
+            out.append(creds["devices"][dev])
+    return out
+
+
+def password_file_text(accounts):
     return "".join("%s:%s\n" % (a["username"], password_hash(a["password"])) for a in accounts)
 
 
-def acl_text(creds):
-    lines = ["# Generated by serene.broker: each module reaches only its own two topics.",
-             "user %s" % creds["server"]["username"],
-             "topic read serene/+/up",
-             "topic write serene/+/down", ""]
-    for dev in sorted(creds["devices"]):
-        lines += ["user %s" % creds["devices"][dev]["username"],
+def device_acl_text(creds):
+    lines = ["# Generated by serene.broker: each module reaches only its own two topics."]
+    for acc in _device_accounts(creds):
+        dev = acc["username"]
+        lines += ["user %s" % dev,
                   "topic write %s" % up_topic(dev),
                   "topic read %s" % down_topic(dev), ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
+
+
+def server_acl_text(creds):
+    # Reading the downlinks too lets a server-side monitor (the bench's latency probe) see
+    # the acks; the server publishes them anyway. It never publishes an uplink.
+    return "\n".join(["# Generated by serene.broker: the medical server's account.",
+                      "user %s" % creds["server"]["username"],
+                      "topic read serene/+/up",
+                      "topic readwrite serene/+/down", ""])
 
 
 def free_port(host="127.0.0.1"):
@@ -173,7 +245,7 @@ def make_tls_cert(tls_dir):
                                    tls_dir / "cert.der")
     if cert_pem.exists() and key_pem.exists() and cert_der.exists():
         return cert_pem, key_pem, cert_der
-    tls_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(tls_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "serene broker")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -199,13 +271,14 @@ def make_tls_cert(tls_dir):
     return cert_pem, key_pem, cert_der
 
 
-def config_text(port, passwd, acl, log, tls=None, tls_port=None):
+def config_text(log, device_listeners, server_listener):
+    """device_listeners: [(port, tls or None)], tls = (cert.pem, key.pem); each entry's
+    password and ACL files are the devices' ones. server_listener: (port, passwd, acl)."""
     lines = [
         "# Generated by serene.broker. Loopback only; no anonymous access.",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        "password_file %s" % passwd,
-        "acl_file %s" % acl,
+        # Accounts and ACLs per listener: device accounts exist only on the device listeners,
+        # the server's only on its own (see the module's docstring).
+        "per_listener_settings true",
         "persistence false",
         "log_dest file %s" % log,
         "log_type error",
@@ -214,37 +287,50 @@ def config_text(port, passwd, acl, log, tls=None, tls_port=None):
         "log_type information",
         "connection_messages true",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-        # Medical records are small; refuse anything absurd before it reaches the server.
-        "max_packet_size 65536",
-        # Mosquitto queues at most 1000 QoS 1 messages per subscriber by default and drops the
-        # rest silently: a server catching up after a restart (or a burst from a fleet) would
-        # lose uplinks to the retransmission path. 100000 x <= 1 KiB frames is < 100 MiB.
-        "max_queued_messages 100000",
+        # Medical records are small: the largest legitimate packet and nothing above it.
+        "max_packet_size %d" % MAX_PACKET,
+        # The bounds of what the broker holds per client (reasoning at MAX_INFLIGHT and
+        # MAX_QUEUED_*): the server PUBACKs an uplink only once it is durable.
+        "max_inflight_messages %d" % MAX_INFLIGHT,
+        "max_queued_messages %d" % MAX_QUEUED_MESSAGES,
+        "max_queued_bytes %d" % MAX_QUEUED_BYTES,
     ]
     if os.geteuid() == 0:
         # As root Mosquitto would switch to the 'mosquitto' user, who cannot read our 0600
         # files: stay who we are (the bench runs as the developer; CI runs as root).
         lines.append("user %s" % getpass.getuser())
-    lines.append("listener %d 127.0.0.1" % port)
-    if tls:
-        cert_pem, key_pem = tls
-        lines += ["listener %d 127.0.0.1" % tls_port,
-                  "certfile %s" % cert_pem,
-                  "keyfile %s" % key_pem,
-                  "tls_version tlsv1.2"]
+    for port, passwd, acl, tls in device_listeners:
+        lines += ["", "# Modules: the client id is the account name, whatever was asked for.",
+                  "listener %d 127.0.0.1" % port,
+                  "allow_anonymous false",
+                  "password_file %s" % passwd,
+                  "acl_file %s" % acl,
+                  "use_username_as_clientid true"]
+        if tls:
+            lines += ["certfile %s" % tls[0], "keyfile %s" % tls[1], "tls_version tlsv1.2"]
+    port, passwd, acl = server_listener
+    lines += ["", "# Server processes only (their own client ids, serene-server-<worker>).",
+              "listener %d 127.0.0.1" % port,
+              "allow_anonymous false",
+              "password_file %s" % passwd,
+              "acl_file %s" % acl]
     return "\n".join(lines) + "\n"
 
 
 class Broker:
     """A private Mosquitto for `device_ids` under `<home>/broker/`."""
 
-    def __init__(self, home, device_ids, tls=False, port=None, tls_port=None):
+    def __init__(self, home, device_ids, tls=False, port=None, tls_port=None, server_port=None,
+                 plain=None):
         self.home = pathlib.Path(home)
         self.device_ids = list(device_ids)
         self.dir = broker_dir(home)
         self.tls = tls
-        self.port = port
+        #: A plain device listener: always without TLS; with TLS only when asked for.
+        self.plain = (not tls) if plain is None else bool(plain)
+        self.port = port if self.plain else None
         self.tls_port = tls_port
+        self.server_port = server_port
         self.proc = None
         self.creds = None
         self.cert_der = None
@@ -260,46 +346,72 @@ class Broker:
             raise BrokerError("no broker account for device %r" % device_id) from None
 
     def server_credentials(self):
+        """The server's account: it authenticates on `server_port` only."""
         if self.creds is None:
             self.creds = ensure_credentials(self.home, self.device_ids)
         return dict(self.creds["server"])
+
+    def info(self):
+        """What modules, servers and the bench need to reach this broker (no secret)."""
+        return {"host": "127.0.0.1", "port": self.port, "tls_port": self.tls_port,
+                "server_port": self.server_port}
 
     # --- life cycle ---------------------------------------------------------------------
 
     def write_config(self):
         self.creds = ensure_credentials(self.home, self.device_ids)
-        passwd, acl = self.dir / "passwd", self.dir / "acl"
-        _write_private(passwd, password_file_text(self.creds))
-        _write_private(acl, acl_text(self.creds))
+        d = self.dir
+        files = {}
+        for name, text in (("devices.passwd", password_file_text(_device_accounts(self.creds))),
+                           ("server.passwd", password_file_text([self.creds["server"]])),
+                           ("devices.acl", device_acl_text(self.creds)),
+                           ("server.acl", server_acl_text(self.creds))):
+            files[name] = d / name
+            _write_private(files[name], text)
+        for old in ("passwd", "acl"):  # one file for every account, before the split
+            with contextlib.suppress(FileNotFoundError):
+                (d / old).unlink()
         tls = None
         if self.tls:
-            cert_pem, key_pem, self.cert_der = make_tls_cert(self.dir / "tls")
+            cert_pem, key_pem, self.cert_der = make_tls_cert(d / "tls")
             tls = (cert_pem, key_pem)
             if self.tls_port is None:
                 self.tls_port = free_port()
-        if self.port is None:
+        if self.plain and self.port is None:
             self.port = free_port()
-        conf = self.dir / "mosquitto.conf"
-        conf.write_text(config_text(self.port, passwd, acl, self.dir / "mosquitto.log",
-                                    tls, self.tls_port))
+        if self.server_port is None:
+            self.server_port = free_port()
+        devices = []
+        if self.plain:
+            devices.append((self.port, files["devices.passwd"], files["devices.acl"], None))
+        if self.tls:
+            devices.append((self.tls_port, files["devices.passwd"], files["devices.acl"], tls))
+        conf = d / "mosquitto.conf"
+        _write_private(conf, config_text(
+            d / "mosquitto.log", devices,
+            (self.server_port, files["server.passwd"], files["server.acl"])))
         return conf
+
+    def ports(self):
+        return [p for p in (self.port, self.tls_port if self.tls else None, self.server_port)
+                if p is not None]
 
     def start(self):
         if self.running():
             return self
         # A port chosen here may be taken by someone else before Mosquitto binds it: then
         # choose again (only ports this object picked itself, and only before a first start).
-        chosen, chosen_tls = self.port is None, self.tls and self.tls_port is None
+        chosen = [name for name in ("port", "tls_port", "server_port")
+                  if getattr(self, name) is None
+                  and (name != "port" or self.plain) and (name != "tls_port" or self.tls)]
         for attempt in range(3):
             try:
                 return self._start()
             except BrokerError:
-                if not (chosen or chosen_tls) or attempt == 2:
+                if not chosen or attempt == 2:
                     raise
-                if chosen:
-                    self.port = None
-                if chosen_tls:
-                    self.tls_port = None
+                for name in chosen:
+                    setattr(self, name, None)
 
     def _start(self):
         conf = self.write_config()
@@ -309,7 +421,7 @@ class Broker:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
-        ports = [self.port] + ([self.tls_port] if self.tls else [])
+        ports = self.ports()
         while True:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace")
@@ -388,7 +500,7 @@ class Probe:
     """
 
     def __init__(self, port, username=None, password=None, client_id=None, host="127.0.0.1",
-                 timeout=5.0, tls_ca=None):
+                 timeout=5.0, tls_ca=None, on_message=None):
         import queue
         import threading
 
@@ -400,6 +512,8 @@ class Probe:
         self._subacks = {}
         self._cond = threading.Condition()
         self._connack = None
+        self.disconnects = 0
+        self._closing = False
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id or "probe-" + secrets.token_hex(4))
         if username is not None:
@@ -407,7 +521,11 @@ class Probe:
         if tls_ca:
             self.client.tls_set(ca_certs=str(tls_ca))
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        if on_message is None:
+            self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        else:
+            self.client.on_message = lambda c, u, m: on_message(m.topic, m.payload, time.time())
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         try:
             self.client.connect(host, port, keepalive=30)
@@ -423,6 +541,12 @@ class Probe:
     def _on_connect(self, client, userdata, flags, reason, props):
         with self._cond:
             self._connack = reason
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason, props):
+        with self._cond:
+            if not self._closing:
+                self.disconnects += 1
             self._cond.notify_all()
 
     def _on_subscribe(self, client, userdata, mid, reasons, props):
@@ -455,6 +579,7 @@ class Probe:
             return None
 
     def close(self):
+        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
 
