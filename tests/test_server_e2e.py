@@ -22,6 +22,16 @@ from test_server import DEV, DEV2, EPOCH, K_EPOCH, K_RECORD, FakeModule
 SERENE = [sys.executable, "-m", "serene"]
 
 
+def provision_fake(home, devices):
+    """provision(), with the registry's first epoch at the FakeModule's EPOCH (contract F: the
+    server accepts a first epoch only near the one provisioning wrote for the counter)."""
+    provision(home, devices)
+    reg = json.loads((home / "registry.json").read_text())
+    for entry in reg["devices"].values():
+        entry["first_epoch"] = EPOCH
+    (home / "registry.json").write_text(json.dumps(reg))
+
+
 def serene(*args, check=True, timeout=60):
     res = subprocess.run(SERENE + list(args), capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
@@ -34,7 +44,7 @@ def serene(*args, check=True, timeout=60):
 def server(tmp_path, procs):
     """`serene server --home H` running on its private broker; yields (home, broker info)."""
     home = tmp_path / "home"
-    provision(home, [DEV, DEV2])
+    provision_fake(home, [DEV, DEV2])
     p = subprocess.Popen(SERENE + ["server", "--home", str(home), "--duration", "120"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs.append(p)
@@ -136,11 +146,11 @@ def test_service_resubscribes_after_a_broker_restart(tmp_path):
     from serene.verifier import from_home
 
     home = tmp_path / "home"
-    provision(home, [DEV])
+    provision_fake(home, [DEV])
     with B.Broker(home, [DEV]) as brk:
         srv = brk.server_credentials()
-        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))), brk.port,
-                            srv["username"], srv["password"]).start()
+        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))),
+                            brk.server_port, srv["username"], srv["password"]).start()
         try:
             m = FakeModule(home, DEV)
             with device_probe(home, {"port": brk.port}) as dev:
@@ -168,7 +178,7 @@ def test_audit_proves_the_database_at_rest_and_finds_tampering(tmp_path):
     from serene.verifier import from_home
 
     home = tmp_path / "home"
-    provision(home, [DEV])
+    provision_fake(home, [DEV])
     ing = Ingest(from_home(home), Store(db_path(home)))
     m = FakeModule(home, DEV)
     ing.handle("serene/%s/up" % DEV, m.frame((K_EPOCH, 0, m.new_epoch())))
@@ -209,7 +219,7 @@ def test_web_view_serves_the_ledger_and_escapes_module_data(tmp_path, procs):
     import cbor2
 
     home = tmp_path / "home"
-    provision(home, [DEV, DEV2])
+    provision_fake(home, [DEV, DEV2])
     p = subprocess.Popen(SERENE + ["server", "--home", str(home), "--http", "0", "--duration",
                                    "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -279,8 +289,8 @@ def test_firmware_delivery_path_drains_the_outbox_through_the_server(upy, tmp_pa
     with I2CBridgeServer({profile.I2C_ADDRESS: emu}).start() as bridge, \
             B.Broker(home, [DEV]) as brk:
         srv = brk.server_credentials()
-        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))), brk.port,
-                            srv["username"], srv["password"]).start()
+        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))),
+                            brk.server_port, srv["username"], srv["password"]).start()
         try:
             creds = brk.credentials(DEV)
             cfg = {"port": bridge.port, "mac_key": module["host_mac_key"],

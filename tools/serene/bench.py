@@ -194,10 +194,14 @@ def run(args):
         from .pumpsim import PumpSimulator
     except ImportError as e:
         raise CliError("pump simulator unavailable: %s" % e) from None
+    from .broker import private_dir, write_private
+
     work = pathlib.Path(args.workdir).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    # The workdir holds secrets (module.json: the module's MQTT password; the provisioning
+    # home: keys): 0700, and every file with a secret in it 0600.
+    private_dir(work)
     mpy = work / "mpy"
     if mpy.exists():
         shutil.rmtree(mpy)
@@ -227,7 +231,7 @@ def run(args):
         if chain:
             cfg.update(chain.module_config())
         cfg_path = work / "module.json"
-        cfg_path.write_text(json.dumps(cfg, indent=1))
+        write_private(cfg_path, json.dumps(cfg, indent=1))
         print("bench: pump simulator '%s' at %gx on %s; firmware from .mpy, heap %s%s"
               % (args.scenario, args.speed, sim.device_path, args.heap,
                  "" if chain else "; pump only"), flush=True)
@@ -338,8 +342,11 @@ class Chain:
         from .stsafe.emulator import StsafeEmulator
         from .stsafe.provision import provision
 
+        from .broker import private_dir
+
         self._stack = contextlib.ExitStack()
         try:
+            private_dir(self.home.parent)
             provision(self.home, [DEVICE])
             dev = self.home / "devices" / DEVICE
             self.module_json = dev / "module.json"
@@ -370,7 +377,8 @@ class Chain:
 
         creds = self.broker.server_credentials()
         self.service = IngestService(lambda: Ingest(from_home(self.home), Store(self.db_path)),
-                                     self.broker.port, creds["username"], creds["password"])
+                                     self.broker.server_port, creds["username"],
+                                     creds["password"])
         self.service.start()
 
     def stop_server(self):

@@ -1,12 +1,17 @@
 """serene server: the medical server's ingest, on a private Mosquitto or an existing broker.
 
-    serene server --home DIR [--broker-port PORT] [--tls] [--http PORT] [--duration S] [-v]
+    serene server --home DIR [--broker-port PORT] [--worker-id N] [--tls] [--http PORT]
+                  [--duration S] [-v]
 
 DIR is the provisioning home (serene provision): the server's key, the CA and registry.json.
 Without --broker-port it starts the private Mosquitto of serene.broker for the registered
-devices (accounts and ACLs under DIR/broker/, its port written to DIR/broker/broker.json for
-the modules and the bench); with it, it connects to that loopback broker with the server
-account of DIR/broker/credentials.json. The database is DIR/server/ingest.sqlite3; `serene
+devices (accounts and ACLs under DIR/broker/, its ports written to DIR/broker/broker.json for
+the modules and the bench: `port` / `tls_port` for modules, `server_port` for server
+processes); with it, it connects to that loopback broker's SERVER listener (server_port) with
+the server account of DIR/broker/credentials.json. --worker-id N (0-15, unique among running
+ingest processes) names its client id serene-server-N, its persistent session at the broker
+and its ack Partial IVs. --tls: modules reach the private broker over TLS only (its plain
+device listener is closed); the server's own listener stays plain on loopback. The database is DIR/server/ingest.sqlite3; `serene
 report --home DIR` reads it, also while the server runs; --http serves the same ledger and the
 decoded records as a small read-only web page on loopback (server/web.py).
 """
@@ -24,7 +29,10 @@ def add_arguments(p):
     p.add_argument("--home", required=True, help="provisioning home (serene provision)")
     p.add_argument("--broker-port", type=int, default=0,
                    help="use the broker already listening on this loopback port")
-    p.add_argument("--tls", action="store_true", help="private broker: add a TLS listener")
+    p.add_argument("--worker-id", type=int, default=0,
+                   help="0-15, unique among running ingest processes (client id, ack nonces)")
+    p.add_argument("--tls", action="store_true",
+                   help="private broker: modules connect over TLS only (no plain listener)")
     p.add_argument("--http", type=int, metavar="PORT", default=None,
                    help="serve the read-only web view on 127.0.0.1:PORT (0: a free port)")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: Ctrl-C)")
@@ -55,6 +63,8 @@ def run(args):
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname).1s %(name)s: %(message)s")
     home = pathlib.Path(args.home)
+    if not 0 <= args.worker_id <= 15:
+        raise CliError("--worker-id must be 0-15")
     verifier = load_verifier(home)
     devices = sorted(verifier.certs)
     brk = None
@@ -64,17 +74,17 @@ def run(args):
             creds = B.ensure_credentials(home, devices)["server"]
         else:
             brk = B.Broker(home, devices, tls=args.tls).start()
-            port, creds = brk.port, brk.server_credentials()
-            info = {"host": "127.0.0.1", "port": brk.port, "tls_port": brk.tls_port}
-            (brk.dir / "broker.json").write_text(json.dumps(info, indent=2) + "\n")
+            port, creds = brk.server_port, brk.server_credentials()
+            B.write_private(brk.dir / "broker.json", json.dumps(brk.info(), indent=2) + "\n")
     except B.BrokerError as e:
         raise CliError(str(e)) from None
 
     def make_ingest():
-        return Ingest(load_verifier(home), Store(db_path(home)))
+        return Ingest(load_verifier(home), Store(db_path(home)), worker_id=args.worker_id)
 
     try:
-        svc = IngestService(make_ingest, port, creds["username"], creds["password"]).start()
+        svc = IngestService(make_ingest, port, creds["username"], creds["password"],
+                            worker_id=args.worker_id).start()
     except (RuntimeError, StoreError) as e:
         if brk:
             brk.stop()
@@ -90,8 +100,8 @@ def run(args):
             if brk:
                 brk.stop()
             raise CliError("web view on port %d: %s" % (args.http, e)) from None
-    print("serene server: %d registered devices, broker 127.0.0.1:%d, database %s%s"
-          % (len(devices), port, db_path(home),
+    print("serene server: %d registered devices, broker 127.0.0.1:%d as %s, database %s%s"
+          % (len(devices), port, svc.client_id, db_path(home),
              ", web view http://127.0.0.1:%d/" % web.port if web else ""), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,6 +118,8 @@ def run(args):
         svc.stop()
         if brk:
             brk.stop()
-    print("serene server: stopped; %d uplinks processed, %d acks sent, %d dropped (queue full)"
-          % (svc.processed, svc.acks_sent, svc.dropped), flush=True)
+    refused = ", ".join("%s %d" % kv for kv in sorted(svc.refused.items())) or "none"
+    print("serene server: stopped; %d uplinks processed, %d acks sent, %d refused at intake "
+          "(%s), each counted in the ledger" % (svc.processed, svc.acks_sent, svc.dropped,
+                                                refused), flush=True)
     return 0
