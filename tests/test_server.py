@@ -7,6 +7,7 @@ frames built by serene.linkframe. Acks coming back are opened with the module-si
 checked against sequence numbers worked out here by hand.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -50,14 +51,20 @@ class FakeModule:
             (home / "server" / "server.crt.pem").read_bytes()).public_key()
         self.epoch = None
         self.keys = None
+        self.last_hash = None  # SHA-256 of the last signed payload of the epoch (v2 prev)
+        self.closed = None  # [epoch, end_seq, end_hash] of the last closed epoch
 
-    def new_epoch(self, epoch=EPOCH, by_value=True):
+    def new_epoch(self, epoch=EPOCH, by_value=True, prev="auto"):
+        """A v2 epoch record (contract D); prev defaults to the last closed epoch."""
         eph = ec.generate_private_key(ec.SECP256R1())
         z = eph.exchange(ec.ECDH(), self.server_pub)
         self.epoch, self.keys = epoch, vp.derive_keys(z, self.dev.encode(), epoch)
         q = eph.public_key().public_bytes(serialization.Encoding.X962,
                                           serialization.PublicFormat.CompressedPoint)
-        self.epoch_payload = cbor2.dumps([1, self.dev.encode(), epoch, 0, q])
+        if prev == "auto":
+            prev = self.closed
+        self.epoch_payload = cbor2.dumps([1, self.dev.encode(), epoch, 0, q, prev])
+        self.last_hash = hashlib.sha256(self.epoch_payload).digest()
         return self.epoch_record(by_value)
 
     def epoch_record(self, by_value=True):
@@ -79,11 +86,17 @@ class FakeModule:
         return self.seal(seq, cbor2.dumps({0: 1, 1: seq, -3: 1_700_000_000 + seq, 2: rate,
                                            3: 100 * seq}))
 
-    def checkpoint(self, seq, first, objs):
-        """objs: {seq: sealed bytes} covered, first <= s < seq."""
+    def checkpoint(self, seq, first, objs, prev=None, close=False):
+        """A v2 checkpoint (contract C). objs: {seq: sealed bytes} covered, first <= s < seq;
+        prev defaults to the hash of the previous signed payload; close: it closes the
+        epoch (the next epoch's record names it)."""
         chain = vp.chain_hash(sorted(objs.items()))
-        return self._sign(cbor2.dumps([2, self.dev.encode(), self.epoch, seq, first, len(objs),
-                                       chain]), {})
+        payload = cbor2.dumps([2, self.dev.encode(), self.epoch, seq, first, len(objs), chain,
+                               self.last_hash if prev is None else prev])
+        self.last_hash = hashlib.sha256(payload).digest()
+        if close:
+            self.closed = [self.epoch, seq, self.last_hash]
+        return self._sign(payload, {})
 
     def frame(self, *entries, epoch=None):
         """entries: (kind, seq, data) whole, or (kind, seq, data, total, offset) fragments."""
@@ -108,6 +121,12 @@ class FakeModule:
 def home_template(tmp_path_factory):
     home = tmp_path_factory.mktemp("provisioned")
     provision(home, [DEV, DEV2])
+    # The tests' epochs start at EPOCH: tell the registry (contract F's first_epoch), as
+    # provisioning does for the counter's real initial value.
+    reg = json.loads((home / "registry.json").read_text())
+    for entry in reg["devices"].values():
+        entry["first_epoch"] = EPOCH
+    (home / "registry.json").write_text(json.dumps(reg))
     return home
 
 
@@ -120,11 +139,28 @@ def home(tmp_path, home_template):
     return dst
 
 
+class Clock:
+    """A wall clock for the ingest that moves `step` seconds at every reading (so acks in a
+    row get distinct 10 ms ticks), and can be moved by hand."""
+
+    def __init__(self, t=1_760_000_000.0, step=0.02):
+        self.t, self.step = t, step
+
+    def __call__(self):
+        self.t += self.step
+        return self.t
+
+
 @pytest.fixture
-def ingest(home):
-    ing = Ingest(from_home(home), Store(db_path(home)))
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def ingest(home, clock):
+    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)
     yield ing
-    ing.store.close()
+    ing.close()
 
 
 def up(dev=DEV):
@@ -157,9 +193,14 @@ def test_objects_are_stored_once_with_sealed_bytes_and_fields(home, ingest):
     ep = m.new_epoch()
     recs = {s: m.record(s, rate=1000 + s) for s in range(1, 6)}
     acks = ingest.handle(up(), m.frame((K_EPOCH, 0, ep), (K_RECORD, 1, recs[1])))
-    assert m.open_ack(one_ack(acks)) == (0, EPOCH, 1, 0)
+    piv1, *ack1 = m.open_ack(one_ack(acks))
+    assert ack1 == [EPOCH, 1, 0]
     acks = ingest.handle(up(), m.frame(*[(K_RECORD, s, recs[s]) for s in (2, 3, 4, 5)]))
-    assert m.open_ack(one_ack(acks)) == (1, EPOCH, 5, 0)
+    piv2, *ack2 = m.open_ack(one_ack(acks))
+    assert ack2 == [EPOCH, 5, 0]
+    # Contract E: PIV = (tick << 4) | worker id, tick = 10 ms since 2025-01-01T00:00:00Z.
+    assert piv1 & 0xF == 0 and piv2 > piv1
+    assert abs((piv2 >> 4) / 100 + 1735689600 - ingest.clock.t) < 0.1
     rows = ingest.store.db.execute(
         "SELECT seq, kind, sealed, fields FROM objects WHERE device=? ORDER BY seq",
         (DEV,)).fetchall()
@@ -268,31 +309,35 @@ def test_fragmented_epoch_record_out_of_order_with_duplicates(home, ingest):
     assert ledger(ingest)["duplicates"] == 1
 
 
-def test_restart_keeps_keys_and_never_reuses_an_ack_nonce(home):
-    ing = Ingest(from_home(home), Store(db_path(home)))
+def test_restart_keeps_keys_and_never_reuses_an_ack_nonce(home, clock):
+    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)
     m = started(home, ing)
     piv1 = m.open_ack(one_ack(ing.handle(up(), m.frame((K_RECORD, 1, m.record(1))))))[0]
-    ing.store.close()
-    ing = Ingest(from_home(home), Store(db_path(home)))  # a new process: keys from the db
+    ing.store.close()  # a crash: the lease is not released, its holder is gone
+    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)  # keys from the db
     try:
         piv2, _, cum, _ = m.open_ack(one_ack(ing.handle(up(), m.frame((K_RECORD, 2,
                                                                       m.record(2))))))
         assert cum == 2 and piv2 > piv1
     finally:
-        ing.store.close()
+        ing.close()
 
 
-def test_newer_epoch_acks_older_epochs_objects(home, ingest):
+def test_acks_of_an_older_epoch_are_sealed_under_its_own_key(home, ingest):
     m = started(home, ingest, epoch=EPOCH)
-    old = m.record(1)
     old_keys, old_epoch = m.keys, m.epoch
     ingest.handle(up(), m.frame((K_EPOCH, 0, m.new_epoch(EPOCH + 1))))  # reboot: new epoch
-    # A record of the old epoch still in the outbox: acked under the NEW epoch's key.
+    # A record of the old epoch still in the outbox: acked under the OLD epoch's key
+    # (contract E), which the module keeps while that epoch has objects in its outbox.
     acks = ingest.handle(up(), m.frame((K_RECORD, 1, vp.seal(
         cbor2.dumps({0: 1, 1: 1, -3: 5}), 1, old_keys.record_key, old_keys.record_iv,
         DEV.encode(), old_epoch)), epoch=old_epoch))
-    del old
-    assert m.open_ack(one_ack(acks))[1:] == (EPOCH, 1, 0)
+    ack = one_ack(acks)
+    assert vp.parse_sealed(ack).kid == vp.kid_for(EPOCH)
+    piv, pt = vp.open_sealed(ack, old_keys.ack_key, old_keys.ack_iv, DEV.encode(), EPOCH)
+    assert cbor2.loads(pt) == [EPOCH, 1, 0]
+    with pytest.raises(vp.VerifyError):
+        m.open_ack(ack)  # not under the new epoch's key
     assert [e["epoch"] for e in ledger(ingest)["epochs"]] == [EPOCH + 1, EPOCH]
 
 
@@ -316,9 +361,15 @@ def test_malformed_uplinks_are_rejected_with_reasons_and_nothing_stops(home, ing
         (up(), m.frame((K_RECORD, 1, bytes(forged))), "forged"),
         (up(), m.frame((K_RECORD, 1, r1), epoch=EPOCH - 5), "unknown epoch"),
         (up(), m.frame((K_RECORD, 7, r1)), "identity mismatch"),  # frame lies about seq
-        (up(), m.frame((K_CHECKPOINT, 1, r1)), "kind mismatch"),
+        (up(), m.frame((K_RECORD, 1, m.seal(1, b"\xa0", kid=True)), epoch=EPOCH + 1),
+         "other epoch"),  # the kid names another epoch than the frame
+        (up(), m.frame((K_RECORD, 1, bytes([0x21]) + r1[1:])), "bad header"),  # reserved bit
+        (up(), m.frame((K_RECORD, 1, bytes([0x11]) + r1[1:])), "bad header"),  # kid context
+        (up(), m.frame((K_RECORD, 1, bytes([0x02, 0x00]) + r1[1:])), "bad header"),  # piv 01
+        (up(), m.frame((K_RECORD, 0, bytes([0x01, 0x00]) + r1[2:])), "bad header"),  # piv 0
         (up(), m.frame((99, 1, r1)), "unknown kind"),
-        (up(), bytes(5000), "frame too long"),
+        (up(), bytes(1025), "frame too long"),
+        (up(), m.frame(*[(99, s, b"x") for s in range(65)]), "too many entries"),
         # Device 2's objects replayed as device 1's: the seals bind the device id.
         (up(), m.frame((K_RECORD, 1, other.record(1))), "forged"),
         (up(), m.frame((K_EPOCH, 0, other.epoch_record())), "wrong device"),

@@ -81,8 +81,9 @@ def uvarint(v):
     return bytes(out)
 
 
-def parse(frame, mtu=None):
-    """Parse one uplink payload into a Frame; LinkFrameError if it is not valid."""
+def parse(frame, mtu=None, max_entries=None):
+    """Parse one uplink payload into a Frame; LinkFrameError if it is not valid (field
+    "entries" if it has more than max_entries entries: parsed no further)."""
     buf = bytes(frame)
     if mtu is not None and len(buf) > mtu:
         raise LinkFrameError("frame", "%d bytes > MTU %d" % (len(buf), mtu))
@@ -96,6 +97,8 @@ def parse(frame, mtu=None):
     epoch, i = _uvarint(buf, 1, "epoch")
     entries = []
     while i < len(buf):
+        if max_entries is not None and len(entries) >= max_entries:
+            raise LinkFrameError("entries", "more than %d entries" % max_entries, i)
         at = i
         kf = buf[i]
         i += 1

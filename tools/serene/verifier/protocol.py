@@ -259,6 +259,13 @@ class Signed:
     fields: tuple  # the payload elements after seq
     unprotected: dict
     message: Sign1Message
+    payload: bytes = b""  # the signed payload bytes (the bstr content)
+
+    @property
+    def payload_hash(self) -> bytes:
+        """SHA-256 of the payload bytes: what the next checkpoint's `prev` (or the next
+        epoch record's `end_hash`) names."""
+        return hashlib.sha256(self.payload).digest()
 
 
 def _check_uint(v: Any, what: str, bits: int = 64) -> int:
@@ -305,7 +312,7 @@ def parse_signed(obj: bytes) -> Signed:
         msg = Sign1Message.from_cose_obj([v[0], _thaw(v[1]), v[2], v[3]], True)
     except Exception as e:  # pycose raises assorted types on headers it cannot parse
         raise VerifyError("bad header", f"pycose: {e}") from None
-    return Signed(typ, dev, epoch, seq, tuple(payload[4:]), _thaw(v[1]), msg)
+    return Signed(typ, dev, epoch, seq, tuple(payload[4:]), _thaw(v[1]), msg, bytes(v[2]))
 
 
 def verify_signed(s: Signed, public_key: ec.EllipticCurvePublicKey) -> None:
@@ -343,10 +350,10 @@ def chain_hash(objects: Iterable[tuple[int, bytes]]) -> bytes:
 
 
 def checkpoint_fields(s: Signed) -> tuple[int, int, bytes]:
-    """(first_seq, count, chain) of a checkpoint payload."""
-    if s.type != TYPE_CHECKPOINT or len(s.fields) != 3:
+    """(first_seq, count, chain) of a checkpoint payload (v1: 3 fields, v2: 4 with prev)."""
+    if s.type != TYPE_CHECKPOINT or len(s.fields) not in (3, 4):
         raise VerifyError("bad payload", "not a checkpoint")
-    first, count, chain = s.fields
+    first, count, chain = s.fields[:3]
     _check_uint(first, "first_seq", 40)
     _check_uint(count, "count", 40)
     if not isinstance(chain, bytes) or len(chain) != 32:
@@ -354,6 +361,40 @@ def checkpoint_fields(s: Signed) -> tuple[int, int, bytes]:
     if not 1 <= first <= s.seq or count > s.seq - first:
         raise VerifyError("bad payload", "inconsistent range")
     return first, count, chain
+
+
+def checkpoint_prev(s: Signed) -> bytes | None:
+    """The v2 checkpoint's `prev` (SHA-256 of the previous signed object's payload of the
+    epoch); None for a v1 checkpoint (which the Verifier refuses)."""
+    checkpoint_fields(s)
+    if len(s.fields) == 3:
+        return None
+    prev = s.fields[3]
+    if not isinstance(prev, bytes) or len(prev) != 32:
+        raise VerifyError("bad payload", "checkpoint prev is not 32 bytes")
+    return prev
+
+
+def epoch_fields(s: Signed) -> tuple[bytes, tuple[int, int, bytes] | None]:
+    """(Q_eph, prev) of a v2 epoch record [1, dev, epoch, 0, Q_eph, prev]: prev is None
+    (no previous epoch known to the module) or (prev_epoch, end_seq, end_hash)."""
+    if s.type != TYPE_EPOCH or s.seq != 0 or len(s.fields) != 2:
+        raise VerifyError("bad payload", "epoch record must be [1, dev, epoch, 0, key, prev]")
+    pub, prev = s.fields
+    if not isinstance(pub, bytes):
+        raise VerifyError("bad payload", "ephemeral key is not a bstr")
+    if prev is None:
+        return pub, None
+    if not isinstance(prev, (list, tuple)) or len(prev) != 3:
+        raise VerifyError("bad payload", "prev must be null or [epoch, end_seq, end_hash]")
+    pe, end_seq, end_hash = prev
+    _check_uint(pe, "prev epoch", 32)
+    _check_uint(end_seq, "end_seq", 32)
+    if not isinstance(end_hash, bytes) or len(end_hash) != 32:
+        raise VerifyError("bad payload", "end_hash is not 32 bytes")
+    if pe >= s.epoch:
+        raise VerifyError("bad payload", f"previous epoch {pe} is not below {s.epoch}")
+    return pub, (pe, end_seq, end_hash)
 
 
 def check_chain(s: Signed, stored: Mapping[int, bytes]) -> None:
@@ -390,6 +431,27 @@ def ack_from_seqs(seqs: Iterable[int], width: int = 64) -> tuple[int, int]:
         if cum + 2 + i in got:
             bitmap |= 1 << i
     return cum, bitmap
+
+
+def canonical(obj: bytes, epoch: int) -> bytes:
+    """The canonical form of a sealed object of `epoch` (the frame's): without the kid,
+    after checking the kid names that epoch. Refuses what parse_sealed refuses (reserved
+    flag bits, kid context, non-minimal partial IV, truncated) and partial IV 0."""
+    s = parse_sealed(obj)
+    if s.piv == 0:
+        raise VerifyError("bad header", "partial IV 0 is the epoch record, never sealed")
+    if s.kid is None:
+        return bytes(obj)
+    if s.kid != kid_for(epoch):
+        raise VerifyError("other epoch",
+                          f"kid {int.from_bytes(s.kid, 'big')} is not the frame's epoch {epoch}")
+    n = obj[0] & 0x07
+    return bytes([obj[0] & ~FLAG_KID]) + bytes(obj[1 : 1 + n]) + bytes(obj[1 + n + KID_LEN :])
+
+
+def is_canonical(obj: bytes) -> bool:
+    """True if a sealed object is in its canonical form (no kid)."""
+    return bool(obj) and not obj[0] & FLAG_KID
 
 
 def classify(obj: bytes) -> str:

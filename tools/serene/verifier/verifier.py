@@ -29,6 +29,9 @@ class EpochContext:
     ephemeral: bytes
     record: bytes
     next_ack_piv: int = 0
+    #: v2 epoch record: (prev_epoch, end_seq, end_hash) of the epoch before, or None
+    prev: tuple | None = None
+    payload_hash: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,11 @@ class Opened:
     count: int | None = None
     chain: bytes | None = None
     signed: p.Signed | None = None
+    prev: bytes | None = None  # checkpoints: SHA-256 of the previous signed payload
+
+    @property
+    def payload_hash(self) -> bytes | None:
+        return None if self.signed is None else self.signed.payload_hash
 
 
 def _dev_bytes(device_id: str) -> bytes:
@@ -73,6 +81,8 @@ class Verifier:
         registry: Mapping[str, object] | None = None,
         accept_unregistered: bool = False,
         clock=None,
+        max_epoch_step: int = 1000,
+        first_epochs: Mapping[str, int] | None = None,
     ):
         if not isinstance(server_key, ec.EllipticCurvePrivateKey) or not isinstance(
             server_key.curve, ec.SECP256R1
@@ -84,6 +94,12 @@ class Verifier:
         self._clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
         self.certs: dict[str, x509.Certificate] = {}
         self.epochs: dict[tuple[str, int], EpochContext] = {}
+        #: contract F: an unknown epoch is accepted only within this step of the highest one
+        self.max_epoch_step = max_epoch_step
+        #: device -> the first epoch its counter can give (registry "first_epoch")
+        self.first_epochs: dict[str, int] = dict(first_epochs or {})
+        self._highest: dict[str, int] = {}
+        self._named_prev: set[tuple[str, int]] = set()
         for dev, cert in (registry or {}).items():
             c = _load_cert(cert)
             self._check_cert(dev, c, registered=True)
@@ -167,17 +183,19 @@ class Verifier:
         s = self._signed_for(device_id, obj)
         if s.type != p.TYPE_EPOCH:
             raise VerifyError("bad payload", "not an epoch record")
-        if s.seq != 0 or len(s.fields) != 1 or not isinstance(s.fields[0], bytes):
-            raise VerifyError("bad payload", "epoch record must be [1, dev, epoch, 0, key]")
+        pub, prev = p.epoch_fields(s)
+        old = self.epochs.get((device_id, s.epoch))
+        if old is not None and p.parse_signed(old.record).payload != s.payload:
+            # Refused whatever its signature: no verification work for it.
+            raise VerifyError("epoch conflict", f"epoch {s.epoch} already announced")
         cert = self._device_cert(device_id, s)
+        # Every epoch record's certificate is checked (registered devices too: validity,
+        # chain, constraints), not only when a device is first seen.
+        self._check_cert(device_id, cert, registered=True)
         p.verify_signed(s, cert.public_key())
-        pub = s.fields[0]
         if len(pub) != 33 or pub[0] not in (2, 3):
             raise VerifyError("bad ephemeral key", "not a compressed P-256 point")
-        old = self.epochs.get((device_id, s.epoch))
         if old is not None:
-            if p.parse_signed(old.record).message.payload != s.message.payload:
-                raise VerifyError("epoch conflict", f"epoch {s.epoch} already announced")
             return old
         z = p.ecdh(self.server_key, pub)
         ctx = EpochContext(
@@ -186,9 +204,35 @@ class Verifier:
             keys=p.derive_keys(z, _dev_bytes(device_id), s.epoch),
             ephemeral=pub,
             record=bytes(obj),
+            prev=prev,
+            payload_hash=s.payload_hash,
         )
         self.epochs[(device_id, s.epoch)] = ctx
+        self._highest[device_id] = max(self._highest.get(device_id, -1), s.epoch)
+        if prev is not None:
+            self._named_prev.add((device_id, prev[0]))
         return ctx
+
+    def check_epoch_number(self, device_id: str, epoch: int) -> None:
+        """Contract F: may an UNKNOWN epoch of this device be accepted? Above the highest
+        verified epoch by at most max_epoch_step; with none verified yet, within
+        max_epoch_step of the registry's first_epoch (any, when the registry has none);
+        or named as prev by an epoch record already verified (an older one arriving
+        late). VerifyError("epoch out of range") otherwise."""
+        if (device_id, epoch) in self.epochs or (device_id, epoch) in self._named_prev:
+            return
+        top = self._highest.get(device_id)
+        step = self.max_epoch_step
+        if top is not None:
+            if top < epoch <= top + step:
+                return
+            raise VerifyError("epoch out of range",
+                              f"epoch {epoch}, highest verified {top}, step {step}")
+        first = self.first_epochs.get(device_id)
+        if first is None or first <= epoch <= first + step:
+            return
+        raise VerifyError("epoch out of range", f"epoch {epoch}, first epoch {first}, "
+                                                f"step {step}")
 
     def epoch(self, device_id: str, epoch: int) -> EpochContext:
         ctx = self.epochs.get((device_id, epoch))
@@ -199,7 +243,8 @@ class Verifier:
     def current_epoch(self, device_id: str) -> int | None:
         """The device's newest known epoch (epoch numbers only go up: the largest)."""
         known = [e for (d, e) in self.epochs if d == device_id]
-        return max(known) if known else None
+        top = self._highest.get(device_id)
+        return top if top is not None else (max(known) if known else None)
 
     def open_record(self, device_id: str, obj: bytes, epoch: int | None = None):
         """Open a sealed object. `epoch` comes from the frame that carried it, or from the
@@ -230,8 +275,12 @@ class Verifier:
         if s.unprotected:
             raise VerifyError("bad header", "a checkpoint has an empty unprotected bucket")
         first, count, chain = p.checkpoint_fields(s)
+        prev = p.checkpoint_prev(s)
+        if prev is None:
+            raise VerifyError("bad payload", "checkpoint v1 (no prev): v2 is required")
         p.verify_signed(s, self.certs[device_id].public_key())
-        return Opened("checkpoint", device_id, s.epoch, s.seq, None, first, count, chain, s)
+        return Opened("checkpoint", device_id, s.epoch, s.seq, None, first, count, chain, s,
+                      prev)
 
     @staticmethod
     def check_checkpoint(cp: Opened, stored: Mapping[int, bytes]) -> None:
@@ -246,6 +295,7 @@ class Verifier:
             return Opened("record", device_id, ep, seq, pt)
         s = p.parse_signed(obj)
         if s.type == p.TYPE_EPOCH:
+            self.check_epoch_number(device_id, s.epoch)
             ctx = self.accept_epoch(device_id, obj)
             return Opened("epoch", device_id, ctx.epoch, 0, signed=s)
         if s.type == p.TYPE_CHECKPOINT:
@@ -253,17 +303,23 @@ class Verifier:
         raise VerifyError("bad payload", f"unknown signed object type {s.type}")
 
     def seal_ack(
-        self, device_id: str, acked_epoch: int, cum: int, bitmap: int, epoch: int | None = None
+        self,
+        device_id: str,
+        acked_epoch: int,
+        cum: int,
+        bitmap: int,
+        epoch: int | None = None,
+        piv: int | None = None,
     ) -> bytes:
         """Seal an ack of (acked_epoch, cum, bitmap) under the ack key of `epoch` (default:
-        the device's current epoch, the one the module holds keys for), with the next
-        Partial IV of that epoch and the kid. The module rejects any other epoch's key."""
+        the acked epoch itself, contract E), with the kid and Partial IV `piv` (default:
+        the context's next_ack_piv, which then moves on). The caller that passes `piv`
+        guarantees it was never used under that key (ingest: (tick << 4) | worker)."""
         if epoch is None:
-            epoch = self.current_epoch(device_id)
-            if epoch is None:
-                raise VerifyError("unknown epoch", f"{device_id}: no epoch yet")
+            epoch = acked_epoch
         ctx = self.epoch(device_id, epoch)
-        piv = ctx.next_ack_piv
+        if piv is None:
+            piv = ctx.next_ack_piv
         obj = p.seal(
             p.ack_plaintext(acked_epoch, cum, bitmap),
             piv,
@@ -273,7 +329,7 @@ class Verifier:
             epoch,
             with_kid=True,
         )
-        ctx.next_ack_piv = piv + 1
+        ctx.next_ack_piv = max(ctx.next_ack_piv, piv + 1)
         return obj
 
 
@@ -297,8 +353,12 @@ def from_home(home, accept_unregistered: bool = False) -> Verifier:
     ca = (home / "ca" / "ca.crt.pem").read_bytes()
     reg_path = home / "registry.json"
     registry = {}
+    first_epochs = {}
     if reg_path.exists():
         reg = json.loads(reg_path.read_text())
         for dev, entry in reg.get("devices", {}).items():
             registry[dev] = entry["certificate"].encode()
-    return Verifier(key, ca, registry, accept_unregistered=accept_unregistered)
+            if isinstance(entry.get("first_epoch"), int):
+                first_epochs[dev] = entry["first_epoch"]
+    return Verifier(key, ca, registry, accept_unregistered=accept_unregistered,
+                    first_epochs=first_epochs)
