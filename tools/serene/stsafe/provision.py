@@ -175,12 +175,19 @@ def _ca_cert(key):
     )
 
 
-def _issue(ca_key, ca_cert, subject, pub, not_after, usage, serial_number=None):
+def device_uri(device_id):
+    """The device certificate's subjectAltName: a URI in a URN namespace of ours (RFC 8141
+    syntax), which X.509 verifiers carry as an ordinary uniformResourceIdentifier SAN."""
+    return "urn:serene:device:" + device_id
+
+
+def _issue(ca_key, ca_cert, subject, pub, not_after, usage, serial_number=None, san=None,
+           eku=None):  # fmt: skip
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG)]
     if serial_number:
         attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, subject))
-    return (
+    b = (
         x509.CertificateBuilder()
         .subject_name(x509.Name(attrs))
         .issuer_name(ca_cert.subject)
@@ -194,8 +201,37 @@ def _issue(ca_key, ca_cert, subject, pub, not_after, usage, serial_number=None):
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if san is not None:
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    if eku is not None:
+        b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    return b.sign(ca_key, hashes.SHA256())
+
+
+def _device_cert(ca_key, ca_cert, device_id, public_key, st_number):
+    """The device certificate: CN and SAN name the device; the key only signs (digital
+    signature: the factory key's mode 0x0004 forbids key agreement); the module uses it to
+    authenticate itself to the server (clientAuth)."""
+    usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+    return _issue(ca_key, ca_cert, device_id, public_key, NO_EXPIRY, usage, st_number,
+                  san=[x509.UniformResourceIdentifier(device_uri(device_id))],
+                  eku=[x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH])  # fmt: skip
+
+
+def _old_device_cert(cert, device_id):
+    """Why a recorded device certificate is not one a standard verifier accepts, or None."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "it has no subjectAltName"
+    if device_uri(device_id) not in san.get_values_for_type(x509.UniformResourceIdentifier):
+        return "its subjectAltName does not name %s" % device_uri(device_id)
+    try:
+        cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    except x509.ExtensionNotFound:
+        return "it has no extendedKeyUsage"
+    return None
 
 
 def _server_cert(ca_key, ca_cert):
@@ -289,12 +325,20 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
         pub = host.generate_key(profile.FACTORY_KEY_SLOT, profile.FACTORY_KEY_MODE, usage_limit=0)
         public_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), pub)
         st_number = _product_tlv(host.query(P.TAG_PRODUCT_DATA), 0x02).hex()
-        usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
-        cert = _issue(ca_key, ca_cert, device_id, public_key, NO_EXPIRY, usage, st_number)
+        cert = _device_cert(ca_key, ca_cert, device_id, public_key, st_number)
         _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         changed = True
     elif cert_path.exists():
         cert = _load_cert(cert_path)
+        why = _old_device_cert(cert, device_id)
+        if why is not None:
+            # The certificate is locked in chip zone 0 (update never) and its key cannot be
+            # re-certified without changing what the chip holds: nothing to upgrade in place.
+            raise ProvisionError(
+                "%s: the device certificate %s is of an older format (%s) and is locked in the "
+                "chip: re-provision (remove %s, or use a new --home)"
+                % (device_id, cert_path, why, d)
+            )
     else:
         raise ProvisionError(
             "%s: slot 0 holds a key whose certificate was never recorded (%s); the chip cannot "

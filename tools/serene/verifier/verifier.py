@@ -11,8 +11,8 @@ from typing import Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 
+from . import certs
 from . import protocol as p
 from .protocol import VerifyError
 
@@ -59,12 +59,7 @@ def _dev_bytes(device_id: str) -> bytes:
 
 
 def _load_cert(c) -> x509.Certificate:
-    if isinstance(c, x509.Certificate):
-        return c
-    c = bytes(c)
-    if c.startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_certificate(c)
-    return x509.load_der_x509_certificate(c)
+    return certs.load_certificate(c)
 
 
 class Verifier:
@@ -108,22 +103,12 @@ class Verifier:
     # ---- certificates -------------------------------------------------------------------
 
     def _check_cert(self, device_id: str, cert: x509.Certificate, registered: bool) -> None:
-        try:
-            cert.verify_directly_issued_by(self.ca)
-        except Exception as e:  # ValueError, TypeError, InvalidSignature
-            raise VerifyError("bad certificate", f"not issued by the CA: {e}") from None
-        now = self._clock()
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise VerifyError("bad certificate", "outside its validity period")
-        key = cert.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-            key.curve, ec.SECP256R1
-        ):
-            raise VerifyError("bad certificate", "not a P-256 key")
-        if not registered:
-            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            if not cns or cns[0].value != device_id:
-                raise VerifyError("bad certificate", "subject CN is not the device id")
+        # cryptography's X.509 path validation plus our profile (certs.py): chain to the CA,
+        # validity, basicConstraints, keyUsage, SAN naming the device, P-256; CN if unknown.
+        checker = getattr(self, "_cert_checker", None)
+        if checker is None or checker.ca is not self.ca:
+            checker = self._cert_checker = certs.DeviceCertChecker(self.ca)
+        checker.check(device_id, cert, self._clock(), registered)
 
     def _device_cert(self, device_id: str, s: p.Signed) -> x509.Certificate:
         known = self.certs.get(device_id)
