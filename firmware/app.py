@@ -29,6 +29,11 @@ _CONNECT_BACKOFF_MIN_MS = const(1000)  # pump (re)connection backoff: 1 s doubli
 _CONNECT_BACKOFF_MAX_MS = const(30_000)
 _SUPERVISOR_PERIOD_MS = const(1000)  # < watchdog_ms / 4 for every sane watchdog setting
 _ROTATE_RETRY_MS = const(60_000)  # a failed epoch rotation is tried again a minute later
+# The closing checkpoint at shutdown: one Generate Signature (80 ms of chip time, specs/
+# stsafe-a110.md §1 table) within the driver's 830 ms busy budget per exchange, a retry or two
+# and the outbox append: 5 s. After a KeyboardInterrupt a dead task may hold a lock: the
+# wait is bounded so that the process always exits.
+_SHUTDOWN_MS = const(5000)
 
 
 class LogSink:
@@ -274,7 +279,10 @@ class App:
             tasks += [asyncio.create_task(self._guard(name, fn)) for name, fn in named]
             if run_for_s > 0:
                 await asyncio.sleep(run_for_s)
-                await self._drain((tasks[0], tasks[2], tasks[3]))  # pump, poller, events
+                for t in (tasks[0], tasks[2], tasks[3]):  # pump, poller, events
+                    t.cancel()
+                await self.shutdown()  # the closing checkpoint goes out with the drain
+                await self._drain()
             else:
                 await asyncio.gather(*tasks)
         finally:
@@ -282,10 +290,25 @@ class App:
                 t.cancel()
             self.summary()
 
-    async def _drain(self, producers):
-        """Bench and tests: stop producing, then let delivery empty the outbox (drain_s)."""
-        for t in producers:
-            t.cancel()
+    async def shutdown(self):
+        """Clean stop: no record is made any more, and the current epoch is closed by its
+        closing checkpoint (firmware/sealing.py). Bounded in time; never raises."""
+        self._ready = False  # the supervisor makes no health record and no rotation now
+        if self.delivery is None or self.delivery.sink.ep is None:
+            return
+        try:
+            ok = await asyncio.wait_for_ms(self.rec.exclusive(self.delivery.close),
+                                           _SHUTDOWN_MS)
+        except Exception as e:  # noqa: BLE001 - at shutdown: named, the process exits anyway
+            if isinstance(e, MemoryError):
+                raise
+            ok = False
+            _log.error("shutdown: %s %s", type(e).__name__, e)
+        _log.info("shutdown: epoch %d %s", self.delivery.sink.ep.number,
+                  "closed" if ok else "NOT closed (closed at the next boot)")
+
+    async def _drain(self):
+        """Bench and tests: after shutdown(), let delivery empty the outbox (drain_s)."""
         if self.delivery is None:
             return
         deadline = time.ticks_add(time.ticks_ms(), self.cfg["drain_s"] * 1000)
@@ -359,6 +382,12 @@ def main(config_path="config.json", overrides=None):
     try:
         asyncio.run(app.run(cfg["run_for_s"]))
     except KeyboardInterrupt:
+        # A clean stop (Ctrl-C, the bench's SIGINT): close the epoch, then say what was done.
+        asyncio.new_event_loop()
+        try:
+            asyncio.run(app.shutdown())
+        except KeyboardInterrupt:
+            pass  # a second interrupt: exit now (the next boot closes the epoch)
         app.summary()
     finally:
         asyncio.new_event_loop()

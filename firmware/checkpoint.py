@@ -1,20 +1,28 @@
 # Checkpoints: a COSE_Sign1 (firmware/signed.py) by the STSAFE factory key over the hash chain
-# of the sealed objects since the previous checkpoint, so that the server can prove later, at
-# rest, that the records it stores are exactly the bytes the module sealed.
-# MIT licence, (c) serene-module authors. Wire format: docs/wire-format.md.
+# of the sealed objects since the previous checkpoint, linked to the signed object before it,
+# so that the server can prove later, at rest, that the objects it stores are exactly, and
+# all of, the bytes the module sealed, tail of the epoch included.
+# MIT licence, (c) serene-module authors. Contract: issue 8 protocol note, sections C and D.
 #
 # Chain: SHA-256 over the entries e_i = seq_i (4 bytes, big-endian) || len_i (2 bytes,
-# big-endian) || sealed bytes_i, in the order they were sealed, for every object added since
-# the previous checkpoint (SHA-256 is itself a Merkle-Damgard chain over its input; one hash
-# object per interval, no allocation per record). Each checkpoint can be checked alone.
-# Payload: [2, device_id, epoch, seq, first_seq, count, chain (32 bytes)]: `count` objects
-# were added, with sequence numbers first_seq <= s < seq; first_seq is the sequence number
-# after the previous checkpoint (1 after the epoch record). A sequence number in that range
-# that is not covered was consumed without a sealed object (e.g. a record that could not be
-# stored, reported by a module event).
+# big-endian) || sealed bytes_i, in seq order, for every sealed object (records, module
+# events, the outbox-overflow event: all of them) stored since the previous checkpoint. One
+# hash object per interval, no allocation per record.
+# Payload v2: [2, device_id, epoch, seq, first_seq, count, chain (32), prev (32)]: `count`
+# sealed objects with first_seq <= s < seq; prev = SHA-256 of the payload of the previous
+# signed object of the epoch (the previous checkpoint, or the epoch record for the first one).
+# Checkpoints tile the epoch: first_seq = the previous checkpoint's seq + 1 (1 after the epoch
+# record). A seq in the range that is not covered was consumed without a stored sealed object
+# (a record the outbox refused, reported by a records_lost event; a checkpoint that could not
+# be signed or stored).
 #
 # Policy: due after `every_n` objects (1 = every record) or when the oldest unchecked
-# object is `every_ms` old, whichever comes first; nothing to sign means nothing is due.
+# object is `every_ms` old, whichever comes first; nothing to sign means nothing is due
+# (closing checkpoints, with count 0 if need be, are asked for by firmware/sealing.py).
+#
+# A payload is not the end of the interval until commit(): MicroPython's hash is final after
+# digest(), so an interval whose checkpoint could not be signed or stored is rebuilt (restart()
+# then add() again, from the outbox, which keeps every object not yet covered).
 import hashlib
 import struct
 import time
@@ -30,15 +38,25 @@ class CheckpointError(ValueError):
 
 
 class Checkpointer:
-    def __init__(self, epoch, every_n, every_ms):
+    """Checkpointer(epoch, every_n, every_ms, prev=None, first_seq=1): `epoch` has
+    .device_id and .number (and .payload, the epoch record's payload, used for `prev` when
+    prev is None: the first interval of an epoch)."""
+
+    def __init__(self, epoch, every_n, every_ms, prev=None, first_seq=1):
         if every_n < 1 or every_ms < 1:
             raise CheckpointError("every_n and every_ms must be >= 1")
-        self.epoch = epoch
+        self.device_id = epoch.device_id
+        self.number = epoch.number
         self.every_n = every_n
         self.every_ms = every_ms
+        if prev is None:
+            prev = hashlib.sha256(epoch.payload).digest()
+        if len(prev) != 32:
+            raise CheckpointError("prev is not 32 bytes")
+        self.prev = prev
         self._entry = bytearray(6)
-        self._pbuf = bytearray(64 + len(epoch.device_id))
-        self._reset(1)
+        self._pbuf = bytearray(112 + len(self.device_id))
+        self._reset(first_seq)
 
     def _reset(self, first_seq):
         self._hash = hashlib.sha256()
@@ -47,6 +65,11 @@ class Checkpointer:
         self._last_seq = first_seq - 1
         self._since = time.ticks_ms()
 
+    def restart(self):
+        """Start the open interval again (same first_seq and prev): the caller adds its
+        objects again (after a checkpoint that was not signed or not stored)."""
+        self._reset(self.first_seq)
+
     def add(self, seq, sealed):
         """Account one sealed object (the exact bytes stored and sent). Objects are added in
         increasing seq order, each once."""
@@ -54,6 +77,8 @@ class Checkpointer:
             raise CheckpointError("seq not increasing")
         if len(sealed) > 0xFFFF:
             raise CheckpointError("object too long")
+        if self._hash is None:
+            raise CheckpointError("interval not restarted")
         if self.count == 0:
             self._since = time.ticks_ms()
         struct.pack_into(">IH", self._entry, 0, seq, len(sealed))
@@ -73,26 +98,34 @@ class Checkpointer:
 
     def payload(self, seq):
         """The checkpoint payload for the objects added so far, as object number `seq`
-        (from epoch.next_seq(); greater than every seq added). Starts the next interval."""
+        (from epoch.next_seq(); greater than every seq added). The hash is final afterwards:
+        commit() the payload once its checkpoint is stored, or restart()."""
         if seq <= self._last_seq:
             raise CheckpointError("checkpoint seq must follow the objects it covers")
+        if self._hash is None:
+            raise CheckpointError("interval not restarted")
         chain = self._hash.digest()
+        self._hash = None
         e = Encoder(self._pbuf)
-        e.array(7)
+        e.array(8)
         e.uint(signed.TYPE_CHECKPOINT)
-        e.bytes(self.epoch.device_id)
-        e.uint(self.epoch.number)
+        e.bytes(self.device_id)
+        e.uint(self.number)
         e.uint(seq)
         e.uint(self.first_seq)
         e.uint(self.count)
         e.bytes(chain)
-        p = bytes(e.view())
+        e.bytes(self.prev)
+        return bytes(e.view())
+
+    def commit(self, seq, payload):
+        """The checkpoint `seq` with this payload is stored: the next interval starts after
+        it and links to it."""
+        self.prev = hashlib.sha256(payload).digest()
         self._reset(seq + 1)
-        return p
 
     async def checkpoint(self, se, seq):
-        """Sign and return the checkpoint object (tagged COSE_Sign1 bytes) for `seq`. If
-        the signature fails the interval is lost for checkpointing (the records stay
-        authenticated by their seal); the error propagates."""
+        """Sign and return (payload, checkpoint object: tagged COSE_Sign1 bytes) for `seq`,
+        not committed. The secure element's error propagates (then restart())."""
         p = self.payload(seq)
-        return signed.encode(p, await signed.sign(se, p))
+        return p, signed.encode(p, await signed.sign(se, p))

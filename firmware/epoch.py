@@ -19,8 +19,11 @@
 #    and the reverse for server->module: direction-separated. label "key" (128 bits) gives
 #    the AES-CCM key, label "iv" (104 bits) the common IV of the OSCORE-style nonce.
 # 4. The epoch record, object seq 0 of the epoch: COSE_Sign1 signed by the factory key over
-#    [1, device_id, epoch, 0, ephemeral public key (SEC1 compressed, 33 bytes)], with the
-#    device certificate by reference (x5t) or by value (x5chain).
+#    the payload v2 [1, device_id, epoch, 0, ephemeral public key (SEC1 compressed, 33
+#    bytes), prev], prev = null (no previous epoch known to this module) or [prev_epoch,
+#    end_seq, end_hash (32)]: where the previous epoch ended, its closing checkpoint's seq
+#    and the SHA-256 of that checkpoint's payload (issue 8 protocol note, section D), with
+#    the device certificate by reference (x5t) or by value (x5chain).
 # No handshake: sealing works offline from here on.
 #
 # Only start() talks to the secure element; derive_keys() and Epoch are testable with
@@ -104,15 +107,25 @@ def compress_point(pub):
     return bytes(out)
 
 
-def epoch_payload(device_id, epoch, pub33):
-    buf = bytearray(16 + len(device_id) + PUB_COMPRESSED_LEN)
+def epoch_payload(device_id, epoch, pub33, prev=None):
+    """Payload v2; prev = None or (prev_epoch, end_seq, end_hash)."""
+    buf = bytearray(64 + len(device_id) + PUB_COMPRESSED_LEN)
     e = Encoder(buf)
-    e.array(5)
+    e.array(6)
     e.uint(signed.TYPE_EPOCH)
     e.bytes(device_id)
     e.uint(epoch)
     e.uint(0)
     e.bytes(pub33)
+    if prev is None:
+        e.null()
+    else:
+        if len(prev[2]) != 32 or prev[0] >= epoch:
+            raise EpochError("input", "prev is not an earlier epoch's end")
+        e.array(3)
+        e.uint(prev[0])
+        e.uint(prev[1])
+        e.bytes(prev[2])
     return bytes(e.view())
 
 
@@ -123,7 +136,7 @@ class Epoch:
     `next_seq()` hands out the object sequence numbers (1, 2, ...) for sealed records,
     checkpoints and module events alike; seq 0 is the epoch record."""
 
-    def __init__(self, device_id, number, pub33, keys, signature=None):
+    def __init__(self, device_id, number, pub33, keys, signature=None, prev=None):
         self.device_id = bytes(device_id)
         self.number = number
         self.pub = pub33
@@ -131,13 +144,22 @@ class Epoch:
         self.sealer = Sealer(rk, riv, self.device_id, number)
         self.opener = Opener(ak, aiv, self.device_id, number)
         self.acks = Acks(self.opener)
-        self.payload = epoch_payload(self.device_id, number, pub33)
+        # The ack key and IV, for the secure element to wrap (firmware/ackkeys.py): taken
+        # once by take_ack_material(), never written anywhere in clear.
+        self._ack_material = (ak, aiv)
+        self.prev = prev
+        self.payload = epoch_payload(self.device_id, number, pub33, prev)
         self.signature = signature
         self.seq = 0
 
     def next_seq(self):
         self.seq += 1
         return self.seq
+
+    def take_ack_material(self):
+        """(ack key, ack common IV), once; None afterwards."""
+        m, self._ack_material = self._ack_material, None
+        return m
 
     def record(self, unprotected=signed.UNPROTECTED_EMPTY):
         """The epoch record (seq 0), a tagged COSE_Sign1. Pass
@@ -149,10 +171,11 @@ class Epoch:
         return signed.encode(self.payload, self.signature, unprotected)
 
 
-async def start(se, device_id, server_pub, counter_zone):
+async def start(se, device_id, server_pub, counter_zone, prev=None):
     """Start a new epoch with the secure element `se` (drivers/stsafe API); return an Epoch
     with its record signed. `server_pub` is the server's static P-256 key, 65 bytes
-    uncompressed (pinned at provisioning). Raises EpochError(step, cause)."""
+    uncompressed (pinned at provisioning); `prev` the previous epoch's end (epoch_payload).
+    Raises EpochError(step, cause)."""
     if len(server_pub) != PUB_LEN or server_pub[0] != 4:
         raise EpochError("input", "server key is not an uncompressed P-256 point")
     device_id = bytes(device_id)
@@ -178,7 +201,9 @@ async def start(se, device_id, server_pub, counter_zone):
     if isinstance(z, bytearray):
         for i in range(len(z)):
             z[i] = 0
-    ep = Epoch(device_id, number, pub33, keys)
+    if prev is not None and prev[0] >= number:
+        prev = None  # not an earlier epoch (a state file from another chip): name none
+    ep = Epoch(device_id, number, pub33, keys, prev=prev)
     try:
         ep.signature = await signed.sign(se, ep.payload)
     except _SE_FAILURES as e:

@@ -29,6 +29,13 @@
 # and stores it with append(..., covers=overflow), which may use `reserve_bytes` beyond the
 # capacity and clears the record once that event is durable (at least once: a power cut between
 # the two may report the same loss twice, never zero times).
+#
+# Pin: `pin` = (epoch, seq) or None. Reclaim never deletes a segment holding an entry at or
+# after the pin, acknowledged or not: the sealing side pins its last stored signed object, so
+# every object not yet covered by a checkpoint stays on flash, whatever its ack state, and the
+# previous epoch's open tail can be checkpointed from the outbox at the next boot after a power
+# cut (firmware/sealing.py). The pin lives in RAM; recover(reclaim=False) leaves reclaiming to
+# the caller, once it has set the pin again from what the log holds.
 import os
 import struct
 from array import array
@@ -176,6 +183,7 @@ class Outbox:
         self._overflow = None  # [first_epoch, first_seq, last_epoch, last_seq, count]
         self._state_dirty = False
         self._recovered = False
+        self.pin = None  # (epoch, seq): see the module header
         self.stats = {
             "appended": 0,
             "refused": 0,
@@ -241,9 +249,10 @@ class Outbox:
 
     # ---------------------------------------------------------------- recovery
 
-    def recover(self):
+    def recover(self, reclaim=True):
         """Scan the log once: drop tmp files, load the state, cut torn tails, purge corrupt
-        regions and out-of-order duplicates, rebuild the RAM index, reclaim acked segments.
+        regions and out-of-order duplicates, rebuild the RAM index, reclaim acked segments
+        (unless reclaim=False: the caller sets `pin` first, then commit()).
         Returns a report dict (counts and bytes of what was found)."""
         self._close_append()
         rep = {
@@ -290,7 +299,8 @@ class Outbox:
             self._recover_segment(segno, rep)
         self._recovered = True
         self._prune_acks()
-        self._reclaim()
+        if reclaim:
+            self._reclaim()
         if self._state_dirty:
             self._try_write_state()
         rep["segments"] = self._nsegs()
@@ -467,14 +477,15 @@ class Outbox:
         limit = self.capacity + (self.reserve if reserve else 0)
         return n <= self.max_data and self._bytes + n + _OVH <= limit
 
-    def append(self, kind, epoch, seq, data, covers=None):
+    def append(self, kind, epoch, seq, data, covers=None, reserve=False):
         """Store one sealed object; returns its position token once it is durable.
 
         Ids must increase: (epoch, seq) after the last one appended or refused. A refused
         append consumes its id: it is added to the overflow record and OutboxFull (no room) or
         OutboxError("io", errno) is raised. `covers`: the overflow record (as read from
         `overflow`) that this object reports; it may then use the reserve, and the record is
-        cleared once the object is durable.
+        cleared once the object is durable. `reserve`: the object may use the reserve too (a
+        checkpoint: it moves the sealing side's pin, so that acked objects can be reclaimed).
         """
         if not self._recovered:
             raise OutboxError("not recovered")
@@ -488,7 +499,7 @@ class Outbox:
             raise OutboxError("order", (last, (epoch, seq)))
         size = n + _OVH
         limit = self.capacity
-        if covers is not None:
+        if covers is not None or reserve:
             limit += self.reserve
         if self._bytes + size > limit:
             self._reclaim()
@@ -619,7 +630,16 @@ class Outbox:
             i += 1
         return i
 
-    def next_entry(self, pos=0):
+    def scan(self, pos=0):
+        """The first entry at or after position `pos`, acknowledged or not, or None (reused
+        Entry, as next_entry). Boot-time and rare paths: reads the log in order."""
+        return self.next_entry(pos, True)
+
+    def oldest(self):
+        """(epoch, seq) of the oldest entry in the log, or None when it is empty."""
+        return self._first
+
+    def next_entry(self, pos=0, acked_too=False):
         """The first unacknowledged entry at or after position `pos` (0 = the start), or None.
 
         Returns the outbox's reused Entry (its data aliases the segment cache)."""
@@ -646,7 +666,7 @@ class Outbox:
                         continue
                     epoch = _u32(mv, off + 4)
                     seq = _u32(mv, off + 8)
-                    if not self.is_acked(epoch, seq):
+                    if acked_too or not self.is_acked(epoch, seq):
                         dlen = n - _OVH
                         e.kind = mv[off + 1]
                         e.epoch = epoch
@@ -823,6 +843,9 @@ class Outbox:
         h = self._head_info()
         if h is None or not self.is_acked(h[3], h[4]):
             return False
+        pin = self.pin
+        if pin is not None and (h[3] > pin[0] or (h[3] == pin[0] and h[4] >= pin[1])):
+            return False  # it holds the pinned entry or later ones (module header)
         size = self._load(h[0], h[1])
         mv = self._cmv
         off = 0

@@ -177,7 +177,9 @@ async def main(port, cfg_path, n):
         o_min, o_max, o_sum = min(o_min, o), max(o_max, o), o_sum + o
         s_min, s_max = min(s_min, len(rec)), max(s_max, len(rec))
         if cp.due():
-            obj = await cp.checkpoint(se, ep.next_seq())
+            cseq = ep.next_seq()
+            p, obj = await cp.checkpoint(se, cseq)
+            cp.commit(cseq, p)
             cp_len = len(obj)
             cps += 1
     print("records: %d status records of %d..%d bytes (CBOR)" % (n, s_min, s_max))

@@ -77,10 +77,14 @@ async def main():
         cp.add(seq, sealed)
         if cp.due():
             cseq = ep.next_seq()
-            ob.append(K_CHECKPOINT, ep.number, cseq, await cp.checkpoint(se, cseq))
+            p, obj = await cp.checkpoint(se, cseq)
+            ob.append(K_CHECKPOINT, ep.number, cseq, obj)
+            cp.commit(cseq, p)
     if cp.count:
         cseq = ep.next_seq()
-        ob.append(K_CHECKPOINT, ep.number, cseq, await cp.checkpoint(se, cseq))
+        p, obj = await cp.checkpoint(se, cseq)
+        ob.append(K_CHECKPOINT, ep.number, cseq, obj)
+        cp.commit(cseq, p)
     objects = sum(1 for _ in ob.pending())
     print("SEALED " + json.dumps({"epoch": ep.number, "objects": objects}))
 

@@ -52,10 +52,13 @@ def main():
         device_id = dev
         number = ep
 
+    Ep.payload = payload  # the first checkpoint links to the epoch record
+
     cp = Checkpointer(Ep(), 16, 60000)
     cp.add(1, u("sealed"))
     cp.add(2, u("sealed2"))
     p = cp.payload(3)
+    cp.commit(3, p)
     out["cp_payload"] = h(p)
     out["checkpoint"] = h(signed.encode(p, u("checkpoint")[-64:]))
     acks = ack.Acks(seal.Opener(ak, aiv, dev, ep))

@@ -113,7 +113,8 @@ class Node:
 
     async def checkpoint(self):
         seq = self.ep.next_seq()
-        obj = await self.cp.checkpoint(self.se, seq)
+        p, obj = await self.cp.checkpoint(self.se, seq)
+        self.cp.commit(seq, p)
         return {"cp_seq": seq, "checkpoint": _h(obj)}
 
 

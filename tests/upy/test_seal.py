@@ -143,6 +143,8 @@ def test_acks_open_and_rejections_are_counted():
         (_ack(server, 4, [EP, 1, cbor.Tag(2, b"\x01" + bytes(8))]), "bad payload"),
         (_ack(server, 5, [EP, 1, True]), "bad payload"),
         (b"\x41\x01" + bytes(12), "bad header"),
+        # v2: the acked epoch must be the kid's (issue 8 protocol note, section E)
+        (_ack(server, 6, [EP - 1, 1, 0]), "bad payload"),
     ]
     for frame, reason in cases:
         try:
@@ -152,11 +154,11 @@ def test_acks_open_and_rejections_are_counted():
                 raise AssertionError("%s, expected %s" % (e.reason, reason))
         else:
             raise AssertionError("accepted: " + reason)
-    assert acks.counts["replay"] == 1 and acks.counts["bad payload"] == 4
+    assert acks.counts["replay"] == 1 and acks.counts["bad payload"] == 5
     assert acks.counts["forged"] == 1 and acks.counts["other epoch"] == 1
     assert acks.accepted == 1
-    # a later Partial IV (without kid: the current epoch is assumed) opens
-    assert acks.open(_ack(server, 9, [EP + 3, 0, 0], kid=False)) == (EP + 3, 0, 0)
+    # a later Partial IV (without kid: the opener's epoch is assumed) opens
+    assert acks.open(_ack(server, 9, [EP, 0, 0], kid=False)) == (EP, 0, 0)
     assert acks.last_piv == 9
     assert ack.acked(10, 0b101, 10) and ack.acked(10, 0b101, 12) and ack.acked(10, 0b101, 14)
     assert not ack.acked(10, 0b101, 11) and not ack.acked(10, 0b101, 13)
@@ -165,6 +167,7 @@ def test_acks_open_and_rejections_are_counted():
 class _Ep:
     device_id = DEV
     number = EP
+    payload = b"epoch record payload"
 
 
 def test_checkpoint_policy_and_chain():
@@ -183,14 +186,20 @@ def test_checkpoint_policy_and_chain():
         pass
     else:
         raise AssertionError("out of order")
-    p = cbor.decode(cp.payload(5))
+    raw5 = cp.payload(5)
+    p = cbor.decode(raw5)
     h = hashlib.sha256()
     for seq, b in objs:
         h.update(struct.pack(">I", seq) + struct.pack(">H", len(b)) + b)
-    assert p == [signed.TYPE_CHECKPOINT, DEV, EP, 5, 1, 3, h.digest()]
+    # v2: the first checkpoint links to the epoch record's payload
+    prev0 = hashlib.sha256(_Ep.payload).digest()
+    assert p == [signed.TYPE_CHECKPOINT, DEV, EP, 5, 1, 3, h.digest(), prev0]
+    cp.commit(5, raw5)
     assert cp.count == 0 and cp.first_seq == 6 and not cp.due(cp._since + 10 ** 6)
     cp.add(6, b"x" * 9)
-    assert cbor.decode(cp.payload(7))[4:6] == [6, 1]
+    p7 = cbor.decode(cp.payload(7))
+    # tiles (first_seq = 5 + 1) and links (prev = SHA-256 of checkpoint 5's payload)
+    assert p7[4:6] == [6, 1] and p7[7] == hashlib.sha256(raw5).digest()
     cp1 = checkpoint.Checkpointer(_Ep(), 1, 1)
     cp1.add(1, b"y" * 9)
     assert cp1.due()  # N = 1: every record
@@ -220,7 +229,17 @@ def test_sig_structure_digest_and_sign1_layout():
     assert t.value == [b"\xa1\x01\x26", {34: [-15, hashlib.sha256(b"cert").digest()[:8]]},
                        payload, bytes(64)]
     assert cbor.decode(signed.unprotected_x5chain(b"\x30\x03abc")) == {33: b"\x30\x03abc"}
-    assert cbor.decode(payload) == [1, DEV, EP, 0, b"\x02" + bytes(32)]
+    assert cbor.decode(payload) == [1, DEV, EP, 0, b"\x02" + bytes(32), None]
+    # v2: the epoch record names where the previous epoch ended
+    end = (EP - 1, 41, bytes(range(32)))
+    p2 = epoch.epoch_payload(DEV, EP, b"\x02" + bytes(32), end)
+    assert cbor.decode(p2) == [1, DEV, EP, 0, b"\x02" + bytes(32), [EP - 1, 41, bytes(range(32))]]
+    try:
+        epoch.epoch_payload(DEV, EP, b"\x02" + bytes(32), (EP, 1, bytes(32)))
+    except epoch.EpochError as e:
+        assert e.step == "input"
+    else:
+        raise AssertionError("a prev that is not an earlier epoch was accepted")
 
 
 def test_compress_point():
