@@ -3,16 +3,26 @@
 # and runs `tasks()` beside its own.
 #
 #   records -> SealingSink (firmware/sealing.py) -> Outbox (flash) -> Link -> radio
-#   acks    <- radio <- Link.on_downlink -> epoch acks opener (firmware/ack.py) -> Outbox cursor
+#   acks    <- radio <- Link.on_downlink -> EpochAcks: the opener of the ack's epoch
+#              (firmware/ack.py) -> Outbox cursor
+#
+# Ack keys (issue 8 protocol note, section E): every epoch that still has objects in the
+# outbox has an opener; the current one's key is in RAM, and each epoch's key is also kept
+# wrapped by the secure element (firmware/ackkeys.py) from its start on, so that after a
+# reboot the previous epochs' openers are restored. An epoch with nothing left in the outbox
+# loses its opener and its envelope file (housekeeping).
 import asyncio
 from micropython import const
 
 from drivers.stsafe.errors import SEError
 from firmware import health as H
 from firmware import log
+from firmware.ack import Acks, EpochAcks
+from firmware.ackkeys import AckKeyError, AckKeyStore
 from firmware.epoch import EpochError
 from firmware.link import Cum2Acks, Link
 from firmware.outbox import Outbox
+from firmware.seal import Opener
 from firmware.sealing import SealingSink
 
 _log = log.Logger("delivery")
@@ -28,30 +38,6 @@ _START_RETRY_MIN_MS = const(1000)
 _START_RETRY_MAX_MS = const(60_000)
 
 
-class RotationAcks:
-    """Opens acks with the new epoch's key, or with the previous epoch's while the server
-    still seals with it (it has not yet verified the new epoch record). The first ack that
-    opens with the new key retires the old one. An ack tried on both and refused by both
-    raises the new opener's error (counted by both: firmware/ack.py counts per opener)."""
-
-    def __init__(self, new, old):
-        self.new = new
-        self.old = old
-
-    def open(self, payload):
-        try:
-            out = self.new.open(payload)
-        except ValueError as e:
-            if self.old is None:
-                raise
-            try:
-                return self.old.open(payload)
-            except ValueError:
-                raise e
-        self.old = None
-        return out
-
-
 class Delivery:
     def __init__(self, cfg, ident, se, radio, health, data_dir):
         self.cfg = cfg
@@ -60,7 +46,8 @@ class Delivery:
         self.health = health
         self.outbox = Outbox(data_dir + "/outbox", cfg["outbox_capacity"],
                              segment_bytes=cfg["outbox_segment"])
-        rep = self.outbox.recover()
+        # Not reclaimed yet: the sealing sink pins what the open epoch's tail needs first.
+        rep = self.outbox.recover(reclaim=False)
         first_boot = rep.get("state") == "missing" and not rep.get("segments")
         if rep.get("torn_bytes") or rep.get("corrupt_regions") or not (
                 rep.get("state") == "ok" or first_boot):
@@ -69,6 +56,11 @@ class Delivery:
             _log.info("outbox: %d pending objects", rep.get("pending", 0))
         self.sink = SealingSink(se, ident, self.outbox, health, data_dir,
                                 cfg["checkpoint_every_n"], cfg["checkpoint_every_s"] * 1000)
+        self.sink.on_epoch = self._new_epoch
+        self.acks = EpochAcks()
+        self.keys = AckKeyStore(se, ident.envelope_key_slot, data_dir + "/keys")
+        self._device_id = ident.device_id.encode()
+        self._restored = False
         self.link = None
 
     async def start(self):
@@ -78,6 +70,9 @@ class Delivery:
         while True:
             try:
                 await self.se.init()
+                if not self._restored:
+                    await self._restore()
+                    self._restored = True
                 ep = await self.sink.start()
                 break
             except SE_FAILURES as e:
@@ -86,23 +81,63 @@ class Delivery:
                            backoff)
                 await asyncio.sleep_ms(backoff)
                 backoff = min(backoff * 2, _START_RETRY_MAX_MS)
-        self.link = Link(self.outbox, [self.radio], Cum2Acks(ep.acks),
+        self.link = Link(self.outbox, [self.radio], Cum2Acks(self.acks),
                          window=self.cfg["link_window"])
         self._announce()
         return ep
+
+    def _gone(self, number):
+        """True if the outbox holds nothing of epoch `number` any more."""
+        oldest = self.outbox.oldest()
+        return oldest is None or oldest[0] > number
+
+    async def _restore(self):
+        """The openers of the previous epochs that still have objects in the outbox, from
+        their envelopes; the envelopes of the others are deleted."""
+        for number in self.keys.epochs():
+            if self._gone(number):
+                self.keys.delete(number)
+                continue
+            try:
+                key, iv = await self.keys.load(number)
+            except AckKeyError as e:
+                # Left on flash (the next boot tries again); this epoch's acks cannot open
+                # meanwhile: its objects stay in the outbox, nothing is dropped.
+                self.health.count(H.SE_ERRORS)
+                _log.error("ack key of epoch %d not restored: %s %s", number, e.reason,
+                           e.cause)
+                continue
+            self.acks.add(Acks(Opener(key, iv, self._device_id, number)))
+            _log.info("ack key of epoch %d restored", number)
+
+    async def _new_epoch(self, ep):
+        """The sink's hook, before the epoch's first object is stored: its ack key wrapped on
+        flash, its opener in the table."""
+        key, iv = ep.take_ack_material()
+        try:
+            await self.keys.save(ep.number, key, iv)
+        except AckKeyError as e:
+            # Sealing goes on (records are never held back for this); after a reboot the acks
+            # of this epoch could not open and its objects would stay in the outbox.
+            self.health.count(H.SE_ERRORS)
+            _log.error("ack key of epoch %d not wrapped: %s %s", ep.number, e.reason, e.cause)
+        self.acks.add(ep.acks)
 
     def _announce(self):
         if self.sink.epoch_pos >= 0:
             self.link.announce(self.sink.epoch_pos)
 
     async def rotate(self):
-        """A new epoch (firmware/sealing.py rotate), its record sent first. Acks are opened
-        with its key, and with the previous epoch's until the server has the new one."""
-        old = self.sink.ep
+        """A new epoch (firmware/sealing.py rotate: the current one closed first), its record
+        sent first. The previous epoch's acks keep opening with its own key."""
         ep = await self.sink.rotate()
-        self.link.opener = RotationAcks(Cum2Acks(ep.acks), Cum2Acks(old.acks))
         self._announce()
         return ep
+
+    async def close(self):
+        """Clean shutdown: the closing checkpoint of the current epoch (sent if the link
+        runs on)."""
+        return await self.sink.close()
 
     def tasks(self):
         """(name, coroutine function) pairs for the app to run under its guard."""
@@ -115,6 +150,12 @@ class Delivery:
     def housekeeping(self):
         """Called by the supervisor once a second."""
         self.sink.note_cert_known()
+        cur = self.sink.ep.number if self.sink.ep is not None else None
+        for number in self.acks.epochs():
+            if number != cur and self._gone(number):
+                self.acks.drop(number)
+                self.keys.delete(number)
+                _log.info("epoch %d delivered: its ack key is forgotten", number)
 
     def summary(self):
         out = {}
@@ -125,5 +166,5 @@ class Delivery:
             out["radio_" + k] = v
         if self.sink.ep is not None:
             out["epoch"] = self.sink.ep.number
-            out["acks_rejected"] = sum(self.sink.ep.acks.counts.values())
+            out["acks_rejected"] = self.acks.rejected()
         return out
