@@ -233,15 +233,15 @@ class SealingSink:
         if ov is not None and ov[2] == number and ov[3] > top:
             top = ov[3]  # a refused seq of that epoch was consumed too
         if sig_pos < 0:
-            _log.error("epoch %d: no signed object left in the outbox, tail not checkpointed",
+            _log.error("no signed object of epoch %d in the outbox: tail not checkpointed",
                        number)
             return
         ob.pin = (number, sig_seq)
         e = ob.read(sig_pos)
         prev = None if e is None else _signed_payload(e.data)
         if prev is None:
-            _log.error("epoch %d: signed object %d unreadable, tail not checkpointed", number,
-                       sig_seq)
+            _log.error("signed object %d of epoch %d unreadable: tail not checkpointed",
+                       sig_seq, number)
             return
         prev = hashlib.sha256(prev).digest()
         if sig_kind == KIND_CHECKPOINT and sig_seq == top:
@@ -258,8 +258,9 @@ class SealingSink:
         except epoch._SE_FAILURES as e:
             raise epoch.EpochError("sign", e)
         if self._store(KIND_CHECKPOINT, number, seq, obj, "checkpoint") >= 0:
-            _log.info("epoch %d closed at boot: tail checkpoint %d over %d objects", number,
-                      seq, cp.count)
+            # (not "epoch N ...": the bench reads "I seal: epoch N" as an epoch start)
+            _log.info("tail checkpoint %d closes epoch %d (%d objects)", seq, number,
+                      cp.count)
         # Stored or refused (then reported as lost with the next epoch), it is the end.
         self._write_end(number, seq, hashlib.sha256(p).digest())
 
