@@ -146,7 +146,8 @@ class WorkerIdInUse(RuntimeError):
 
 
 def tick_of(t):
-    return int((t - TICK_EPOCH) * TICKS_PER_S)
+    # (+1 µs: a clock read at exactly k * 10 ms is in tick k despite binary rounding)
+    return int((t - TICK_EPOCH) * TICKS_PER_S + 1e-4)
 
 
 class AckState:
@@ -455,6 +456,8 @@ class Ingest:
         if existing is not None and existing[1] == obj:
             self._duplicate(dev, epoch, seq, now)
             return True
+        if (dev, epoch) not in self.v.epochs and (sealed or seq != 0):
+            self._load_epoch(dev, epoch)
         try:
             opened = self.v.verify_object(dev, obj, epoch=epoch)
         except VerifyError as ve:
@@ -512,6 +515,17 @@ class Ingest:
             self._check_pending(dev, epoch, now, covering=seq)
         self._progress(dev, now)
         return True
+
+    def _load_epoch(self, dev, epoch):
+        """An epoch another worker (sharing the database) verified: take its keys."""
+        record = self.store.epoch_record(dev, epoch)
+        if record is None:
+            return
+        try:
+            self.v.accept_epoch(dev, record)
+        except VerifyError as e:
+            log.warning("stored epoch %s/%d no longer verifies: %s", dev, epoch, e)
+        self._spend(dev, COST_SIGN + COST_ECDH)
 
     @staticmethod
     def _failure_cost(obj, reason):
@@ -624,6 +638,10 @@ class Ingest:
             log.error("ack partial IV space exhausted (clock after 2046?)")
             return None
         self._deferred.pop((dev, epoch), None)
+        if (dev, epoch) not in self.v.epochs:
+            self._load_epoch(dev, epoch)
+            if (dev, epoch) not in self.v.epochs:
+                return None
         ack = self.v.seal_ack(dev, epoch, cum, bitmap, epoch=epoch, piv=piv)
         st.set_ack_piv(dev, epoch, self.worker_id, piv)
         self._pivs[(dev, epoch)] = piv

@@ -5,9 +5,13 @@
 Reads DIR/server/ingest.sqlite3 read-only (the server may be running). Every registered device
 is listed, received anything or not, and every device that sent anything (an unregistered one
 shows registered: false). Per device and epoch: objects received (as ranges of sequence
-numbers), gaps (missing sequence numbers up to the highest received), sequence numbers a
-verified checkpoint proves were never sealed, duplicates, checkpoints by state; per device:
-rejects by reason with the most recent ones, the last checkpoint verified, and `complete`.
+numbers), gaps (missing sequence numbers up to the highest received, or up to the end the
+next epoch's record names), sequence numbers a verified checkpoint proves were never sealed,
+duplicates, checkpoints by state, whether the epoch is closed (its closing checkpoint, named
+by the next epoch's record, verified) or has an open tail; per device: rejects by reason with
+the most recent ones, the last checkpoint verified, acks_failing (the module keeps resending
+what was acknowledged: our acks do not reach or open there) and `complete`. Everything is
+computed from ranges: the cost grows with the number of ranges, never with seq values.
 The exit status is 0; with --check it is 1 when any registered device is incomplete.
 --audit re-verifies everything stored, from the database alone (server/audit.py): exit 1 when
 anything stored is not exactly what a module sealed.
@@ -68,19 +72,23 @@ def _ranges(rs, limit=6):
 
 
 def table(led):
-    head = ("DEVICE", "EPOCH", "OBJECTS", "RECEIVED", "GAPS", "DUPS", "CHECKPOINTS", "REJECTS",
-            "STATUS")
+    head = ("DEVICE", "EPOCH", "OBJECTS", "RECEIVED", "GAPS", "DUPS", "CHECKPOINTS", "TAIL",
+            "REJECTS", "STATUS")
     rows = [head]
     for dev, d in led.items():
         rej = ",".join("%s:%d" % kv for kv in sorted(d["rejects"].items())) or "-"
         status = "complete" if d["complete"] else (
             "NOTHING RECEIVED" if not d["epochs"] else "INCOMPLETE")
+        if d.get("acks_failing"):
+            status = "ACKS FAILING"
+        if d.get("checkpoint_links_broken"):
+            status = "CHECKPOINT LINK BROKEN"
         if d["checkpoint_mismatches"]:
             status = "CHECKPOINT MISMATCH"
         if not d["registered"]:
             status = "UNREGISTERED"
         if not d["epochs"]:
-            rows.append((dev, "-", "0", "-", "-", "0", "-", rej, status))
+            rows.append((dev, "-", "0", "-", "-", "0", "-", "-", rej, status))
         for i, e in enumerate(d["epochs"]):
             cps = e["checkpoints"]
             rows.append((
@@ -91,12 +99,16 @@ def table(led):
                 _ranges(e["gaps"]) + (" (%d)" % e["missing"] if e["missing"] else ""),
                 str(e["duplicates"]),
                 "%d ok/%d pending/%d bad" % (cps["verified"], cps["pending"], cps["mismatch"]),
+                e.get("tail", "-"),
                 rej if i == 0 else "",
                 status if i == 0 else "",
             ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for dev, d in led.items():
+        if d.get("acks_failing"):
+            lines.append("%s: ACKS FAILING since %s: %s" % (
+                dev, _when(d["acks_failing"].get("since")), d["acks_failing"].get("evidence")))
         cp = d["last_checkpoint"]
         if cp:
             lines.append("%s: last checkpoint verified: epoch %d seq %d (covers %d-%d, %d "

@@ -262,6 +262,11 @@ class Store:
         return [(d, e, bytes(r), 0) for d, e, r in self.db.execute(
             "SELECT device, epoch, record FROM epochs ORDER BY device, epoch")]
 
+    def epoch_record(self, device, epoch):
+        row = self.db.execute("SELECT record FROM epochs WHERE device=? AND epoch=?",
+                              (device, epoch)).fetchone()
+        return None if row is None else bytes(row[0])
+
     def epoch_info(self, device, epoch):
         """{payload_hash, prev} of a stored epoch record, or None."""
         row = self.db.execute("SELECT payload_hash, prev_epoch, prev_end_seq, prev_end_hash "
