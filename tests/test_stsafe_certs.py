@@ -18,7 +18,12 @@ from serene.verifier.protocol import VerifyError
 from serene.verifier.verifier import Verifier
 
 DEV = "SRN-0001"
-NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 SIGN_ONLY = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
 
 
@@ -41,9 +46,9 @@ def pki(home):
     return ca, ca_key, dev
 
 
-def refused(checker, cert, device_id=DEV, registered=True, now=NOW):
+def refused(checker, cert, device_id=DEV, registered=True):
     with pytest.raises(VerifyError) as e:
-        checker.check(device_id, cert, now, registered)
+        checker.check(device_id, cert, now(), registered)
     assert e.value.reason == "bad certificate"
     return e.value.detail
 
@@ -51,7 +56,7 @@ def refused(checker, cert, device_id=DEV, registered=True, now=NOW):
 def test_a_standard_client_verifier_accepts_the_device_certificate(pki):
     ca, _, dev = pki
     # cryptography's verifier with its default (CA/B Forum, RFC 5280) policy, nothing of ours.
-    verifier = xv.PolicyBuilder().store(xv.Store([ca])).time(NOW).build_client_verifier()
+    verifier = xv.PolicyBuilder().store(xv.Store([ca])).time(now()).build_client_verifier()
     got = verifier.verify(dev, [])
     assert got.chain == [dev, ca]
     assert got.subjects == [x509.UniformResourceIdentifier("urn:serene:device:" + DEV)]
@@ -75,8 +80,8 @@ def test_a_standard_client_verifier_accepts_the_device_certificate(pki):
     assert not cku.value.digital_signature
     # And our check passes it, registered or not (CN = device id too).
     checker = DeviceCertChecker(ca)
-    checker.check(DEV, dev, NOW, registered=True)
-    checker.check(DEV, dev, NOW, registered=False)
+    checker.check(DEV, dev, now(), registered=True)
+    checker.check(DEV, dev, now(), registered=False)
 
 
 def _issue(ca, ca_key, pub, *, cn=DEV, san=DEV, ca_flag=False, usage=SIGN_ONLY,
@@ -87,7 +92,7 @@ def _issue(ca, ca_key, pub, *, cn=DEV, san=DEV, ca_flag=False, usage=SIGN_ONLY,
         .issuer_name(ca.subject)
         .public_key(pub)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or NOW - datetime.timedelta(days=1))
+        .not_valid_before(not_before or now() - datetime.timedelta(days=1))
         .not_valid_after(prov.NO_EXPIRY)
         .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
         .add_extension(usage, critical=True)
@@ -113,7 +118,7 @@ def test_what_is_refused_and_why(pki):
     pub = dev.public_key()
     # The control: the same helper with nothing wrong passes (so each refusal below is
     # about the one thing changed).
-    checker.check(DEV, _issue(ca, ca_key, pub), NOW, registered=False)
+    checker.check(DEV, _issue(ca, ca_key, pub), now(), registered=False)
     # An old-style certificate (as provisioning issued them before: no SAN, no EKU).
     old = prov._issue(ca_key, ca, DEV, pub, prov.NO_EXPIRY, SIGN_ONLY, "00")
     assert "no subjectAltName" in refused(checker, old)
@@ -145,7 +150,7 @@ def test_what_is_refused_and_why(pki):
     p384 = ec.generate_private_key(ec.SECP384R1()).public_key()
     assert "not a P-256 key" in refused(checker, _issue(ca, ca_key, p384))
     # Not yet valid.
-    later = _issue(ca, ca_key, pub, not_before=NOW + datetime.timedelta(days=2))
+    later = _issue(ca, ca_key, pub, not_before=now() + datetime.timedelta(days=2))
     assert "chain to the CA refused" in refused(checker, later)
 
 
