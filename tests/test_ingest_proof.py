@@ -273,3 +273,21 @@ def test_a_health_record_reporting_rejected_acks_marks_the_device(home, ingest):
         records.HEALTH_COUNTERS.update(orig)
     led = ledger(ingest)
     assert led["acks_failing"]["acks_rejected"] == 4 and not led["complete"]
+
+
+def test_the_fast_signature_check_agrees_with_pycose(home):
+    m = FakeModule(home, DEV)
+    rec = m.new_epoch()
+    pub = m.key.public_key()
+    for obj, ok in ((rec, True), (rec[:-1] + bytes([rec[-1] ^ 1]), False),
+                    (rec.replace(DEV.encode(), b"SRN-0009"), False)):
+        s = vp.parse_signed(obj)
+        results = []
+        for check in (vp.verify_signed, vp.verify_signed_pycose):
+            try:
+                check(s, pub)
+                results.append(True)
+            except vp.VerifyError as e:
+                assert e.reason == "bad signature"
+                results.append(False)
+        assert results == [ok, ok]

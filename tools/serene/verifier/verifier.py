@@ -174,10 +174,10 @@ class Verifier:
             # Refused whatever its signature: no verification work for it.
             raise VerifyError("epoch conflict", f"epoch {s.epoch} already announced")
         cert = self._device_cert(device_id, s)
+        p.verify_signed(s, cert.public_key())  # first: a bad signature costs no chain check
         # Every epoch record's certificate is checked (registered devices too: validity,
         # chain, constraints), not only when a device is first seen.
         self._check_cert(device_id, cert, registered=True)
-        p.verify_signed(s, cert.public_key())
         if len(pub) != 33 or pub[0] not in (2, 3):
             raise VerifyError("bad ephemeral key", "not a compressed P-256 point")
         if old is not None:
