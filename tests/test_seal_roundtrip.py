@@ -142,14 +142,17 @@ def test_round_trip_records_checkpoints_acks(chip, home, upy, procs, tmp_path):
         with pytest.raises(VerifyError, match="checkpoint mismatch"):
             v.check_checkpoint(cp, missing)
     assert covered == 10
-    # acks from the server, for this epoch and an older one
+    # acks from the server: sealed under the key of the epoch they acknowledge (contract E)
     seqs = {0} | set(stored) | {1 + max(stored) + 1}
     cum, bitmap = protocol.ack_from_seqs(seqs)
-    a1 = v.seal_ack(DEV, ep, cum, bitmap)
+    a1 = v.seal_ack(DEV, ep, cum, bitmap, piv=(5 << 4) | 3)  # PIV (tick << 4) | worker
     assert node("ack", frame=a1.hex()) == {"ack": [ep, cum, bitmap]}
-    a2 = v.seal_ack(DEV, ep + 7, 3, 0b101)
-    assert node("ack", frame=a2.hex()) == {"ack": [ep + 7, 3, 5]}
+    # an ack under this epoch's key that claims another epoch is refused
+    a2 = v.seal_ack(DEV, ep + 7, 3, 0b101, epoch=ep, piv=(6 << 4) | 3)
+    assert node("ack", frame=a2.hex()) == {"err": "bad payload"}
     assert node("ack", frame=a1.hex()) == {"err": "replay"}
+    a3 = v.seal_ack(DEV, ep, cum, bitmap, piv=(7 << 4) | 2)  # another worker, a later tick
+    assert node("ack", frame=a3.hex()) == {"ack": [ep, cum, bitmap]}
     node.close()
 
 
@@ -173,7 +176,13 @@ def test_epoch_record_by_reference_and_unknown_device(chip, home, upy, procs, tm
     v3 = from_home(home, accept_unregistered=True)
     v3.certs.pop(DEV)
     v3.verify_object(DEV, by_value)
-    assert v3.verify_object(DEV, rec).kind == "epoch"  # now known: by reference works
+    # the first start's epoch is older than the one now verified and named by no epoch
+    # record's prev (it was never closed): refused on the uplink path (contract F) ...
+    with pytest.raises(VerifyError) as e:
+        v3.verify_object(DEV, rec)
+    assert e.value.reason == "epoch out of range"
+    # ... the device is now known: its record by reference verifies
+    assert v3.accept_epoch(DEV, rec).epoch == protocol.parse_signed(rec).epoch
     # a certificate for the same device key and name from another CA is refused
     rogue = _rogue_certificate(v.certs[DEV])
     s = protocol.parse_signed(by_value)
@@ -300,10 +309,15 @@ def test_replay_under_other_seq_epoch_or_device_is_rejected(chip, home, upy, pro
     assert protocol.open_sealed(s_a, keys.record_key, keys.record_iv, DEV.encode(), ea)[1] == (
         b"\xa1\x00\x01"
     )
-    # an ack sealed for epoch A is refused by the module, now in epoch B
-    ack_a = v.seal_ack(DEV, ea, 1, 0, epoch=ea)
+    # contract E: an ack of A is sealed under A's key; this node (now in epoch B) holds
+    # only B's opener, so it is "other epoch" here
+    ack_a = v.seal_ack(DEV, ea, 1, 0)
+    assert protocol.parse_sealed(ack_a).kid == protocol.kid_for(ea)
     assert node("ack", frame=ack_a.hex()) == {"err": "other epoch"}
-    ack_b = v.seal_ack(DEV, ea, 1, 0)  # current epoch = B
-    assert node("ack", frame=ack_b.hex()) == {"ack": [ea, 1, 0]}
+    # A's objects acknowledged under B's key (the v1 way) are refused: epoch is not the kid
+    ack_x = v.seal_ack(DEV, ea, 1, 0, epoch=eb)
+    assert node("ack", frame=ack_x.hex()) == {"err": "bad payload"}
+    ack_b = v.seal_ack(DEV, eb, 1, 0)
+    assert node("ack", frame=ack_b.hex()) == {"ack": [eb, 1, 0]}
     assert v.open_record(DEV, s_b, eb)[1:] == (1, b"\xa1\x00\x02")
     node.close()
