@@ -2,7 +2,11 @@
 
     store.Store(path)                SQLite: objects stored once, epochs, checkpoints, rejects,
                                      counters; Store.ledger() = the completeness ledger
-    ingest.Ingest(verifier, store)   .handle(topic, payload) -> [(down topic, ack)]; never raises
+    ingest.Ingest(verifier, store, clock, worker_id, max_epoch_step)
+                                     .process(topic, payload) -> [(down topic, ack)], never
+                                     raises, not committed; .commit() then publish;
+                                     .refuse(dev, reason, size); .due_acks(); .handle() =
+                                     process + commit
     service.IngestService(...)       the ingest on MQTT (paho): serene/+/up in, acks out
     cli                              `serene server --home DIR`
     report                           `serene report --home DIR [--json]`

@@ -19,9 +19,11 @@ imports firmware code. The ingest builds one Verifier and calls it for every obj
         # `epoch` is the epoch named by the frame that carried a sealed object without kid.
     v.check_checkpoint(res, stored)   # stored: {seq: sealed bytes} of that epoch, as stored;
                                       # raises VerifyError("checkpoint mismatch") if altered
-    ack = v.seal_ack(device_id, acked_epoch, cum, bitmap)   # bytes to send down
-        # sealed under the device's current epoch ack key; Partial IV from
-        # v.epoch(device_id, e).next_ack_piv (persist it; restore it after a restart)
+    ack = v.seal_ack(device_id, acked_epoch, cum, bitmap, piv=piv)   # bytes to send down
+        # sealed under the ACKED epoch's ack key (contract E); the caller gives a Partial IV
+        # never used under that key (the ingest: (tick << 4) | worker_id, persisted)
+    v.check_epoch_number(device_id, epoch)   # contract F, applied by verify_object to an
+        # unknown epoch record: "epoch out of range" unless within max_epoch_step
     protocol.ack_from_seqs(received_seqs) -> (cum, bitmap)
     protocol.classify(obj) -> "sealed" | "signed"
 
@@ -32,8 +34,9 @@ stored epoch records to accept_epoch() again to re-derive the keys.
 
 Every rejection is VerifyError(reason, detail); reasons (stable, for counters): truncated,
 bad header, bad cbor, bad payload, bad signature, bad certificate, bad ephemeral key,
-unknown device, wrong device, unknown epoch, other epoch, epoch conflict, forged,
-checkpoint mismatch.
+unknown device, wrong device, unknown epoch, other epoch, epoch conflict, epoch out of
+range, forged, checkpoint mismatch. protocol.canonical(obj, epoch) gives a sealed object's
+canonical form (no kid; contract A); checkpoints and epoch records must be v2 (with prev).
 """
 
 from . import protocol
