@@ -42,6 +42,9 @@ DEFAULTS = {
     "mqtt_user": "",
     "mqtt_password": "",
     "mqtt_tls_pin": "",  # path of the broker's certificate (DER) to pin; "" = plain TCP
+    # Plain TCP to a broker that is not on this machine (127.x, localhost, ::1) is refused
+    # unless said here explicitly: TLS with the pinned certificate is the default (issue 8).
+    "mqtt_plain": False,
     "modem_uart": 3,  # stm32: the LTE-M modem's UART
     "modem_apn": "",  # stm32: the operator's APN
 }
@@ -71,7 +74,26 @@ def load(path=None, overrides=None):
         _merge(cfg, data)
     if overrides:
         _merge(cfg, overrides)
+    check(cfg)
     return cfg
+
+
+def is_loopback(host):
+    """True for a host name or address of this machine only (127.0.0.0/8, localhost, ::1):
+    plain TCP there never leaves the box."""
+    h = host.lower()
+    return h.startswith("127.") or h in ("localhost", "::1", "[::1]")
+
+
+def check(cfg):
+    """Rules between keys. A non-loopback broker without a pinned certificate is refused
+    (ConfigError naming mqtt_tls_pin) unless mqtt_plain is true: the firmware never falls
+    back to plain TCP over a network by default."""
+    if cfg["identity"] and not cfg["mqtt_tls_pin"] and not cfg["mqtt_plain"] \
+            and not is_loopback(cfg["mqtt_host"]):
+        raise ConfigError("mqtt_tls_pin", "required for broker %s (TLS with the pinned "
+                          "certificate), or set mqtt_plain to true explicitly"
+                          % cfg["mqtt_host"])
 
 
 def _merge(cfg, data):

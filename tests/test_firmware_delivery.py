@@ -93,7 +93,7 @@ def test_forged_replayed_truncated_and_stray_downlinks_change_nothing(tmp_path, 
     try:
         with Chain(tmp_path, checkpoint_every=8, se_time_scale=0.25, server=False) as chain:
             creds = chain.broker.server_credentials()
-            with B.Probe(chain.broker.port, creds["username"], creds["password"]) as tap:
+            with B.Probe(chain.broker.server_port, creds["username"], creds["password"]) as tap:
                 assert tap.subscribe("serene/%s/up" % DEVICE) == 1
                 fw = Firmware(mpy_dir, config(tmp_path, chain, sim, run_for_s=14, drain_s=1))
                 assert fw.wait_for(lambda: len(fw.seqs()) >= 4, 30), fw.text()[-20:]

@@ -28,10 +28,10 @@ GAP_BOUND_MS = 250
 class Drive:
     """One micropython process running tests/upy/ltem_drive.py; lines read by a thread."""
 
-    def __init__(self, upy, procs, tmp_path, cfg):
+    def __init__(self, upy, procs, tmp_path, cfg, heap="64K"):
         path = tmp_path / ("cfg-%d.json" % len(procs))
         path.write_text(json.dumps(cfg))
-        self.proc = upy.popen(["tests/upy/ltem_drive.py", str(path)], mpy=True, heap="64K",
+        self.proc = upy.popen(["tests/upy/ltem_drive.py", str(path)], mpy=True, heap=heap,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, bufsize=1)
         procs.append(self.proc)
@@ -103,7 +103,7 @@ def brk(tmp_path):
 
 def server_probe(brk):
     creds = brk.server_credentials()
-    p = B.Probe(brk.port, creds["username"], creds["password"])
+    p = B.Probe(brk.server_port, creds["username"], creds["password"])
     assert p.subscribe("serene/+/up") == 1
     return p
 
@@ -150,18 +150,20 @@ def test_downlink_queue_is_bounded_and_oversize_is_refused(upy, procs, tmp_path,
             drv.cmd("recv 50")
             got.append(drv.expect("RECV"))
         assert got == [(bytes([i]) * 8).hex() for i in (2, 3, 4)] + ["none"]  # oldest dropped
-        assert drv.stats()["downlinks_dropped"] == 2
-        # Bigger than the radio accepts: never allocated nor queued; the connection is
-        # dropped (the stream cannot be resynchronised) and comes back.
+        st = drv.stats()
+        assert st["downlinks_dropped"] == 2 and st["downlinks_overflow"] == 2  # the burst
+        # Bigger than the radio accepts: never allocated nor queued, read and discarded,
+        # counted; the connection stays up (issue 8, item 9) and the next downlink arrives.
         srv.publish("serene/%s/down" % DEV, bytes(65))
-        assert drv.expect("STATE") == "down"
-        assert drv.expect("STATE", BACKOFF_MAX_MS / 1000 + 3) == "up"
-        drv.cmd("recv 100")
-        assert drv.expect("RECV") == "none"
+        srv.publish("serene/%s/down" % DEV, bytes(range(200)) * 5)  # 1000 bytes
         srv.publish("serene/%s/down" % DEV, b"after")
         drv.cmd("recv 2000")
         assert drv.expect("RECV") == b"after".hex()
-        drv.quit()
+        drv.cmd("recv 100")
+        assert drv.expect("RECV") == "none"
+        st = drv.quit()
+    assert st["downlinks_oversize"] == 2 and st["downlinks_dropped"] == 4
+    assert st["disconnects"] == 0 and st["connects"] == 1, st
 
 
 def test_broker_outage_reconnects_and_the_loop_keeps_running(upy, procs, tmp_path, brk):
@@ -260,8 +262,10 @@ def test_tls_with_pinned_certificate(upy, procs, tmp_path):
     with B.Broker(tmp_path / "home", [DEV], tls=True) as brk:
         pinned = brk.dir / "tls" / "cert.der"
         with server_probe(brk) as srv:
+            # mbedTLS allocates its buffers on the MicroPython heap: 64K left too little for the
+            # 2 KB command line after the handshake
             drv = Drive(upy, procs, tmp_path, radio_cfg(brk, port=brk.tls_port,
-                                                         tls_pin_file=str(pinned)))
+                                                         tls_pin_file=str(pinned)), heap="96K")
             assert drv.expect("STATE", 10) == "up"
             for i, f in enumerate([b"\x00" * 7, os.urandom(1024)]):
                 assert send(drv, i, f) == "SENT"

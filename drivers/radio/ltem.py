@@ -79,8 +79,14 @@ _OVERHEAD = const(70)
 # Practical Cat-M1 HD-FDD uplink: 375 kbit/s peak (3GPP TS 36.306 UE category M1), ~100 kbit/s
 # seen in coverage-enhancement mode: time_on_air_ms() plans with the slow case.
 _UPLINK_BPS = const(100_000)
-# Downlinks are sealed acks (tens of bytes). A bigger one is refused before umqtt allocates it.
+# Downlinks are sealed acks (tens of bytes). A bigger one is refused before umqtt allocates it:
+# read into a small scratch buffer and discarded, counted, the connection kept (issue 8).
 _MAX_DOWNLINK = const(256)
+# Discarding is bounded: the broker's max_packet_size (serene.broker: ~1.1 KB, the largest
+# legitimate frame) makes a longer PUBLISH impossible from a sane broker; 4 KiB is 4x that and
+# ~0.3 s of Cat-M1 downlink. Longer: EMSGSIZE, the connection is dropped (as before).
+_DISCARD_MAX = const(4096)
+_SCRATCH = const(64)
 _RX_SLOTS = const(4)  # queued downlinks; overflow drops the OLDEST (acks are cumulative)
 _WBUF = const(1152)  # gathered writes: the largest packet is a PUBLISH of one MTU frame
 
@@ -182,9 +188,10 @@ class _Sock:
       time-out instead of blocking forever;
     - write() appends to one preallocated buffer; flush() (also done before every read and at
       close) sends it as one segment;
-    - read(n) refuses n > max_read (a downlink bigger than the radio accepts is never
-      allocated), returns None when non-blocking and nothing is there, and completes short
-      reads up to the time-out;
+    - read(n) never allocates n > max_read: such a read (a downlink bigger than the radio
+      accepts) is consumed through a small scratch buffer and returns b"", with `oversize`
+      set for the message callback (up to _DISCARD_MAX; beyond it EMSGSIZE); it returns None
+      when non-blocking and nothing is there, and completes short reads up to the time-out;
     - rx_ticks / tx_ticks: when bytes last came in / went out (keep-alive and dead-link).
     """
 
@@ -195,6 +202,8 @@ class _Sock:
         self.max_read = max_read
         self.wbuf = bytearray(_WBUF) if gather else None
         self.wlen = 0
+        self.oversize = False  # the last read was discarded (too long): see read()
+        self._scratch = None  # made at the first discard (a rare event: 64 bytes then)
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.rx_ticks = self.tx_ticks = time.ticks_ms()
@@ -237,9 +246,30 @@ class _Sock:
         self.tx_bytes += sent
         self.tx_ticks = time.ticks_ms()
 
+    def _discard(self, n):
+        """Read and drop n bytes within the time-out per read (blocking mode: umqtt has
+        switched it back after the first byte of the packet)."""
+        self.raw.settimeout(self.timeout_s)
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH))
+        left = n
+        while left:
+            k = left if left < _SCRATCH else _SCRATCH
+            got = self.stream.readinto(self._scratch[:k])
+            if not got:
+                raise OSError(_ETIMEDOUT)
+            left -= got
+        self.rx_bytes += n
+        self.rx_ticks = time.ticks_ms()
+        self.oversize = True
+        return b""
+
     def read(self, n):
         if n > self.max_read:
-            raise OSError(_EMSGSIZE)
+            if n > _DISCARD_MAX:
+                raise OSError(_EMSGSIZE)
+            self.flush()
+            return self._discard(n)
         self.flush()
         data = self.stream.read(n)
         if not data:
@@ -332,8 +362,11 @@ class LtemRadio(Radio):
         self.backoff_ms = 0  # the wait before the next connection attempt (0 while up)
         self.last_error = None
         # Counters for the health record and the tests.
+        # downlinks_dropped = downlinks_oversize (longer than max_downlink: read, discarded)
+        # + downlinks_overflow (a burst beyond the queue: the oldest dropped).
         self.stats = {"connects": 0, "connect_failures": 0, "disconnects": 0, "sent": 0,
                       "send_failures": 0, "downlinks": 0, "downlinks_dropped": 0,
+                      "downlinks_oversize": 0, "downlinks_overflow": 0,
                       "downlinks_stray": 0, "block_max_ms": 0}
 
     # --- the radio interface -----------------------------------------------------------
@@ -500,11 +533,19 @@ class LtemRadio(Radio):
             await asyncio.sleep_ms(self._poll_ms)
 
     def _on_message(self, topic, msg):
-        # Called by umqtt's wait_msg() for each PUBLISH received. The payload is only queued.
+        # Called by umqtt's wait_msg() for each PUBLISH received (then it PUBACKs it). The
+        # payload is only queued.
+        sock = self._sock
+        if sock is not None and sock.oversize:
+            sock.oversize = False  # the topic or the payload was too long: read, discarded
+            self.stats["downlinks_oversize"] += 1
+            self.stats["downlinks_dropped"] += 1
+            return
         if topic != self._down_topic:
             self.stats["downlinks_stray"] += 1
             return
         if len(msg) > self._max_dl:
+            self.stats["downlinks_oversize"] += 1
             self.stats["downlinks_dropped"] += 1
             return
         slots = len(self._rxq)
@@ -512,6 +553,7 @@ class LtemRadio(Radio):
             self._rxq[self._rx_head] = None
             self._rx_head = (self._rx_head + 1) % slots
             self._rx_count -= 1
+            self.stats["downlinks_overflow"] += 1
             self.stats["downlinks_dropped"] += 1
         self._rxq[(self._rx_head + self._rx_count) % slots] = msg
         self._rx_count += 1

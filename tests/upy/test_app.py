@@ -190,3 +190,28 @@ async def test_session_reopened_by_the_driver_makes_the_app_identify_the_pump_ag
     assert idents == ["APPLIX/S1/1.0", "APPLIX/S2/1.0"], idents
     mods = [r[14] for r in sink.records if r[0] == record.KIND_MODULE]
     assert record.MOD_PUMP_RECONNECTED in mods
+
+
+def test_plain_tcp_to_a_non_loopback_broker_is_refused_unless_explicit():
+    # TLS with the pinned certificate is the default for a broker off this machine (issue 8,
+    # item 9): no pin and no explicit mqtt_plain is a ConfigError naming mqtt_tls_pin.
+    for host in ("10.0.0.5", "broker.example.org", "128.0.0.1"):
+        try:
+            config.load(overrides={"identity": "module.json", "mqtt_host": host})
+        except config.ConfigError as e:
+            assert e.key == "mqtt_tls_pin", e.key
+        else:
+            raise AssertionError("plain TCP to %s accepted" % host)
+    for kw in ({"mqtt_host": "10.0.0.5", "mqtt_plain": True},
+               {"mqtt_host": "10.0.0.5", "mqtt_tls_pin": "broker.der"},
+               {"mqtt_host": "127.0.0.1"}, {"mqtt_host": "127.5.5.5"},
+               {"mqtt_host": "localhost"}, {"mqtt_host": "::1"}):
+        kw["identity"] = "module.json"
+        config.load(overrides=kw)
+    assert config.DEFAULTS["mqtt_plain"] is False
+    try:
+        config.load(overrides={"mqtt_plain": 1})
+    except config.ConfigError as e:
+        assert e.key == "mqtt_plain"
+    else:
+        raise AssertionError("a non-boolean mqtt_plain accepted")

@@ -44,6 +44,13 @@ class FakeSock:
         self.rx = self.rx[k:]
         return out
 
+    def readinto(self, buf):
+        data = self.read(len(buf))
+        if not data:
+            return data
+        buf[: len(data)] = data
+        return len(data)
+
     def close(self):
         self.closed = True
 
@@ -142,10 +149,15 @@ def test_check_msg_with_nothing_there_returns_at_once():
 
 
 def test_reads_are_capped_completed_or_failed():
-    raw, sock = wrapped(b"\x00" * 300, max_read=256)
+    # Over max_read: consumed through the scratch buffer (never allocated), b"" returned and
+    # `oversize` set, the stream still in step; over _DISCARD_MAX: EMSGSIZE.
+    raw, sock = wrapped(b"\x00" * 300 + b"next", chunk=7, max_read=256)
+    assert sock.read(300) == b"" and sock.oversize and sock.rx_bytes == 300
+    assert sock.read(4) == b"next"
+    raw, sock = wrapped(b"\x00" * 5000, max_read=256)
     try:
-        sock.read(257)
-        raise AssertionError("oversized read allowed")
+        sock.read(4097)  # drivers/radio/ltem.py _DISCARD_MAX + 1 (a private const)
+        raise AssertionError("unbounded discard")
     except OSError as e:
         assert e.errno == _EMSGSIZE
     raw, sock = wrapped(b"abcdef", chunk=1)
@@ -156,6 +168,30 @@ def test_reads_are_capped_completed_or_failed():
         raise AssertionError("short read handed back")
     except OSError as e:
         assert e.errno == _ETIMEDOUT
+
+
+def test_oversize_downlink_is_discarded_acked_and_counted_and_the_next_one_arrives():
+    async def main():
+        topic = mqtt_str(b"serene/dev-1/down")
+        big = topic + b"\x00\x08" + bytes(300)
+        small = topic + b"\x00\x09" + b"ack"
+        rx = b"\x32" + bytes((len(big) & 0x7F | 0x80, len(big) >> 7)) + big
+        rx += b"\x32" + bytes((len(small),)) + small
+        radio = LtemRadio("dev-1", "127.0.0.1", 1, "dev-1", "pw", max_downlink=256)
+        raw, sock = wrapped(rx, chunk=50)
+        radio._sock = sock
+        c = client_on(sock)
+        c.set_callback(radio._on_message)
+        c.check_msg()
+        c.check_msg()
+        sock.flush()
+        assert b"".join(raw.writes) == b"\x40\x02\x00\x08\x40\x02\x00\x09"  # both PUBACKed
+        assert await radio.recv(10) == b"ack" and await radio.recv(10) is None
+        st = radio.stats
+        assert st["downlinks_oversize"] == 1 and st["downlinks_dropped"] == 1
+        assert st["downlinks"] == 1
+
+    asyncio.run(main())
 
 
 def test_downlink_received_through_check_msg_is_queued_unchanged():
@@ -187,6 +223,7 @@ async def test_downlink_queue_drops_the_oldest_and_ignores_strays():
         got.append(await radio.recv(10))
     assert got == [b"\x02", b"\x03", b"\x04", None]
     assert radio.stats["downlinks_dropped"] == 3
+    assert radio.stats["downlinks_overflow"] == 2 and radio.stats["downlinks_oversize"] == 1
     assert radio.stats["downlinks_stray"] == 1
     assert radio.stats["downlinks"] == 5
 
