@@ -501,3 +501,27 @@ def test_process_batches_and_a_failing_frame_loses_only_itself(home, ingest, mon
     assert m.open_ack(one_ack(acks3))[1:][:2] == (EPOCH, 1)
     led = ledger(ingest)
     assert led["rejects"] == {"internal error": 1, "queue full": 1}
+
+
+def test_a_failed_commit_forgets_the_batch_so_no_later_ack_covers_it(home, ingest):
+    m = started(home, ingest)
+    acks = ingest.process(up(), m.frame((K_RECORD, 1, m.record(1))))
+    assert m.open_ack(one_ack(acks))[1:] == (EPOCH, 1, 0)  # never published: commit fails
+
+    class Boom(Exception):
+        pass
+
+    real = ingest.store.db
+    ingest.store.db = type("DB", (), {  # a connection whose commit fails (disk full)
+        "commit": lambda self: (_ for _ in ()).throw(Boom()),
+        "rollback": lambda self: real.rollback(),
+        "execute": lambda self, *a: real.execute(*a),
+        "executemany": lambda self, *a: real.executemany(*a),
+        "in_transaction": property(lambda self: real.in_transaction)})()
+    with pytest.raises(Boom):
+        ingest.commit()
+    ingest.store.db = real
+    assert ingest.store.seqs(DEV, EPOCH) == [0]
+    # The next frame's ack does not claim record 1.
+    acks = ingest.handle(up(), m.frame((K_RECORD, 2, m.record(2))))
+    assert m.open_ack(one_ack(acks))[1:] == (EPOCH, 0, 0b1)

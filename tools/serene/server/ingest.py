@@ -8,6 +8,7 @@
     ing.due_acks(now=None)               # acks deferred by the Partial IV rule whose tick has
                                          #    come: call every ~10 ms, commit, then publish
     ing.work_budget_ok(device)           # False while the device has spent its work budget
+    ing.rollback()                       # discard the batch (publish none of its acks)
     ing.handle(topic, payload)           # process + commit (tests)
     ing.close()                          # releases the worker id lease, closes the store
 
@@ -322,7 +323,22 @@ class Ingest:
                 raise WorkerIdInUse("the lease of worker id %d was taken over: stop this "
                                     "ingest" % self.worker_id)
             self._beat = now
-        self.store.commit()
+        try:
+            self.store.commit()
+        except Exception:
+            # Not durable: forget what the batch did in memory too, or a later ack could
+            # cover objects that were never stored. The caller publishes nothing of it.
+            self.rollback()
+            raise
+
+    def rollback(self):
+        """Discard the batch (nothing process() returned may be published)."""
+        try:
+            self.store.rollback()
+        finally:
+            self._acks.clear()
+            self._pivs.clear()
+            self._deferred.clear()
 
     def refuse(self, device, reason, size):
         """Count an uplink the intake refused before process() (queue full, QoS 0, over
