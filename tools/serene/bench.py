@@ -327,8 +327,12 @@ class FirmwareProcess:
 class Chain:
     """Provisioning, the STSAFE emulator on the I2C bridge, Mosquitto and the server."""
 
-    def __init__(self, work, checkpoint_every=16, fresh=False, se_time_scale=1.0, server=True):
+    def __init__(self, work, checkpoint_every=16, fresh=False, se_time_scale=1.0, server=True,
+                 extra_devices=()):
+        """extra_devices: more provisioned devices with broker accounts (a hostile one in
+        the flood tests); the firmware runs as DEVICE."""
         self.home = pathlib.Path(work) / "home"
+        self.devices = [DEVICE] + [d for d in extra_devices if d != DEVICE]
         self.checkpoint_every = checkpoint_every
         self.fresh = fresh
         self.se_time_scale = se_time_scale
@@ -347,13 +351,13 @@ class Chain:
         self._stack = contextlib.ExitStack()
         try:
             private_dir(self.home.parent)
-            provision(self.home, [DEVICE])
+            provision(self.home, self.devices)
             dev = self.home / "devices" / DEVICE
             self.module_json = dev / "module.json"
             self.emu = StsafeEmulator.load(dev / "stsafe.json", time_scale=self.se_time_scale)
             self.bridge = I2CBridgeServer({0x20: self.emu}).start()
             self._stack.callback(self.bridge.close)
-            self.broker = B.Broker(self.home, [DEVICE]).start()
+            self.broker = B.Broker(self.home, self.devices).start()
             self._stack.callback(self.broker.stop)
             self.db_path = db_path(self.home)
             if self.fresh and self.db_path.exists():
