@@ -18,10 +18,11 @@ import struct
 import zlib
 
 import cbor2
+from cryptography.hazmat.primitives import serialization
 
 from serene.bench import Chain, FirmwareProcess
 from serene.pumpsim import PumpSimulator
-from serene.verifier.protocol import chain_hash
+from serene.verifier.protocol import chain_hash, derive_keys, ecdh
 
 KIND_EPOCH, KIND_RECORD, KIND_CHECKPOINT, KIND_EVENT = 0, 1, 2, 3
 
@@ -96,6 +97,8 @@ def test_power_cut_tail_checkpoint_and_closing_checkpoint_at_shutdown(tmp_path, 
             e2 = fw2.epochs()[0]
             after = read_outbox(flash / "outbox")
             end = (flash / "epoch_end").read_bytes()
+            server_key = serialization.load_pem_private_key(
+                (chain.home / "server" / "server.key.pem").read_bytes(), None)
     finally:
         sim.stop()
     old = [e for e in before if e[1] == e1]
@@ -116,3 +119,13 @@ def test_power_cut_tail_checkpoint_and_closing_checkpoint_at_shutdown(tmp_path, 
     assert end[:4] == b"SEE1" and struct.unpack_from("<II", end, 4) == (e2, cps2[-1][0])
     assert end[12:44] == hashlib.sha256(cps2[-1][2]).digest()
     assert any("I app: shutdown: epoch %d closed" % e2 in ln for ln in fw2.text())
+    # The ack keys (derived here as the server does, from its static key and the epoch
+    # records) are on flash only wrapped by the secure element: one 40-byte envelope for each
+    # epoch still in the outbox, and the plain bytes in no file.
+    files = [p.read_bytes() for p in flash.rglob("*") if p.is_file()]
+    for number in (e1, e2):
+        rec = cbor2.loads(payload([e for e in after if e[1] == number and e[0] == KIND_EPOCH][0][3]))
+        k = derive_keys(ecdh(server_key, rec[4]), rec[1], number)
+        assert len((flash / "keys" / ("%d.env" % number)).read_bytes()) == 40
+        for raw in files:
+            assert k.ack_key not in raw and k.ack_iv not in raw and k.record_key not in raw
