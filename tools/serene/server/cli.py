@@ -122,4 +122,6 @@ def run(args):
     print("serene server: stopped; %d uplinks processed, %d acks sent, %d refused at intake "
           "(%s), each counted in the ledger" % (svc.processed, svc.acks_sent, svc.dropped,
                                                 refused), flush=True)
+    print("serene server: intake latency p95 (received -> durable, acked) by device, ms: %s"
+          % json.dumps(svc.latency_p95(), sort_keys=True), flush=True)
     return 0

@@ -53,8 +53,13 @@ UP_FILTER = "serene/+/up"
 DEVICE_QUOTA = 64 * 1024
 #: Bytes of uplink payload waiting in all (any number of devices); beyond it, refused.
 MEMORY_BOUND = 32 * 1024 * 1024
-#: One batch: at most this long of processing, or this many frames, then a commit.
+#: One batch: at most this long of processing, or this many frames, then a commit. A batch
+#: that served a light device (its queue emptied by the frame: a module that sends what it
+#: has and waits for the ack) ends as soon as it is BATCH_MIN_S old, so a module waits for
+#: one busy device's frame and a commit, not for a whole batch of a flooding one; under a fleet
+#: of light devices that still means at most 1 / BATCH_MIN_S commits a second.
 BATCH_S = 0.010
+BATCH_MIN_S = 0.002
 BATCH_MAX = 256
 #: Longest wait for the network when there is nothing to do (also the due_acks() period).
 IDLE_S = 0.010
@@ -62,6 +67,7 @@ IDLE_S = 0.010
 READ_BURST = 4096
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
 KEEPALIVE_S = 30
+LATENCY_KEEP = 10000
 
 
 class _Client(mqtt.Client):
@@ -92,10 +98,10 @@ class _Client(mqtt.Client):
 
 
 class _Queued:
-    __slots__ = ("topic", "payload", "mid", "gen")
+    __slots__ = ("topic", "payload", "mid", "gen", "t")
 
-    def __init__(self, topic, payload, mid, gen):
-        self.topic, self.payload, self.mid, self.gen = topic, payload, mid, gen
+    def __init__(self, topic, payload, mid, gen, t):
+        self.topic, self.payload, self.mid, self.gen, self.t = topic, payload, mid, gen, t
 
 
 class IngestService:
@@ -122,6 +128,8 @@ class IngestService:
         self.commit_failures = 0
         self.queued_bytes = 0
         self.queued_bytes_peak = 0
+        #: device -> the last LATENCY_KEEP (received -> committed and acked) times, seconds
+        self.latency = collections.defaultdict(lambda: collections.deque(maxlen=LATENCY_KEEP))
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         # The worker's state.
@@ -231,7 +239,7 @@ class IngestService:
             q = self._queues[dev] = collections.deque()
         if not q:
             self._rr.append(dev)
-        q.append(_Queued(msg.topic, payload, msg.mid, self._gen))
+        q.append(_Queued(msg.topic, payload, msg.mid, self._gen, time.monotonic()))
         self._qbytes[dev] += size
         self.queued_bytes += size
         if self.queued_bytes > self.queued_bytes_peak:
@@ -303,10 +311,13 @@ class IngestService:
         if c._sock is None:
             return
         c.loop_misc()  # keepalive
-        acks, mids = [], []
+        acks, mids, done = [], [], []
         t0 = time.monotonic()
-        n = 0
-        while self._rr and n < self.batch_max and time.monotonic() - t0 < self.batch_s:
+        n, light = 0, False
+        while self._rr and n < self.batch_max:
+            age = time.monotonic() - t0
+            if age >= self.batch_s or (light and age >= BATCH_MIN_S):
+                break
             dev = self._rr.popleft()
             q = self._queues[dev]
             item = q.popleft()
@@ -318,12 +329,17 @@ class IngestService:
             else:
                 del self._queues[dev]
                 del self._qbytes[dev]
+                light = True
             acks += self.ingest.process(item.topic, item.payload)
             self.processed += 1
             mids.append((item.mid, item.gen))
+            done.append((dev, item.t))
             n += 1
             self._read()  # keep the socket drained between frames: the broker's window moves
-        self._finish_batch(acks, mids)
+        if self._finish_batch(acks, mids):
+            now = time.monotonic()
+            for dev, t in done:
+                self.latency[dev].append(now - t)
         if not self._rr and not self._refusals and not c.want_write():
             with self._idle:
                 if not self._readable(0):
@@ -342,7 +358,7 @@ class IngestService:
             log.exception("due_acks")
             due = []
         if not (acks or mids or due):
-            return
+            return False
         try:
             self.ingest.commit()
         except Exception:  # noqa: BLE001 - the database failed: acknowledge nothing
@@ -355,7 +371,7 @@ class IngestService:
             # The broker resends un-PUBACKed uplinks only on a new connection: make one.
             self.client._sock_close()
             self._on_disconnect(self.client, None, None, "commit failed", None)
-            return
+            return False
         self.batches += 1
         for topic, ack in acks + list(due):
             self.client.publish(topic, ack, qos=1)
@@ -365,6 +381,16 @@ class IngestService:
             if g == gen:
                 self.client.ack(mid, 1)
         self._write(0)
+        return True
+
+    def latency_p95(self):
+        """{device: p95 of (received -> committed, acked) in ms} over the last LATENCY_KEEP."""
+        out = {}
+        for dev, xs in list(self.latency.items()):
+            xs = sorted(xs)
+            if xs:
+                out[dev] = round(1000 * xs[min(len(xs) - 1, int(0.95 * len(xs)))], 2)
+        return out
 
     # --- network -------------------------------------------------------------------------
 
