@@ -92,10 +92,24 @@ class Delivery:
         return oldest is None or oldest[0] > number
 
     async def _restore(self):
-        """The openers of the previous epochs that still have objects in the outbox, from
-        their envelopes; the envelopes of the others are deleted."""
+        """The openers of the previous epochs that still wait for an ack, from their
+        envelopes: an epoch with an unacknowledged object in the outbox, and the newest one
+        in the log (its tail checkpoint may be stored at this boot). The envelopes of the
+        others are deleted (each unwrap costs a secure-element command at every boot)."""
+        needed = set()
+        pos = 0
+        ob = self.outbox
+        while True:  # one pass over what is pending, once per boot
+            e = ob.next_entry(pos)
+            if e is None:
+                break
+            needed.add(e.epoch)
+            pos = e.next
+        last = ob.info()["last"]
+        if last is not None:
+            needed.add(last[0])
         for number in self.keys.epochs():
-            if self._gone(number):
+            if number not in needed:
                 self.keys.delete(number)
                 continue
             try:
