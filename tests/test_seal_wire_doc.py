@@ -273,3 +273,63 @@ def test_firmware_reproduces_the_example(ex, upy, tmp_path):
         "reserved_bit": "bad flags", "kid_context": "bad flags",
         "non_minimal_piv": "bad partial iv length", "piv_length_0": "bad partial iv length",
         "piv_length_6": "bad partial iv length", "truncated": "truncated"}
+
+
+# ---- docs/link-format.md ------------------------------------------------------------------
+
+LINK_OBJECTS = [  # the example's objects, as the document describes them
+    (1, 5, 1, bytes(range(1, 11))),
+    (1, 5, 2, bytes(range(0x11, 0x1D))),
+    (2, 5, 300, bytes(range(40))),
+]
+EPOCH_RECORD = bytes(i & 0xFF for i in range(600))  # kind 0, epoch 5, seq 0
+
+
+def _firmware_frames(upy, tmp_path, name, mtu, objects):
+    spec = tmp_path / (name + ".json")
+    spec.write_text(json.dumps({"mtu": mtu, "objects": [[k, e, s, d.hex()]
+                                                        for k, e, s, d in objects]}))
+    res = upy.run([HELPER, "link", str(tmp_path / name), str(spec)], mpy=True)
+    return [bytes.fromhex(line) for line in res.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def link_doc():
+    return LINK_DOC.read_text()
+
+
+def test_link_doc_listings_parse_and_rebuild(link_doc):
+    got = _listings(link_doc)
+    assert set(got) == {"small_frame1", "small_frame2", "frag_frame1", "frag_frame4",
+                        "frag_frame15"}
+    f1, f2 = lf.parse(got["small_frame1"], mtu=51), lf.parse(got["small_frame2"], mtu=51)
+    assert (len(got["small_frame1"]), len(got["small_frame2"])) == (30, 46)
+    assert f1.epoch == f2.epoch == 5
+    assert [(e.kind, e.seq, e.data) for e in f1.entries + f2.entries] == [
+        (k, s, d) for k, _, s, d in LINK_OBJECTS]
+    assert not any(e.fragment for e in f1.entries + f2.entries)
+    # "does not fit the 21 bytes left in frame 1": 1 + 2 + 1 + 40 = 44 > 51 - 30 = 21
+    assert 51 - len(got["small_frame1"]) == 21
+    for name, off, n, size in (("frag_frame1", 0, 43, 51), ("frag_frame4", 129, 42, 51),
+                               ("frag_frame15", 591, 9, 18)):
+        fr = lf.parse(got[name], mtu=51)
+        (e,) = fr.entries
+        assert (fr.epoch, e.kind, e.seq, e.fragment, e.total) == (5, 0, 0, True, 600), name
+        assert (e.offset, len(e.data), e.data, len(got[name])) == (
+            off, n, EPOCH_RECORD[off:off + n], size), name
+    for frame in got.values():
+        assert lf.build(lf.parse(frame)) == frame
+
+
+def test_firmware_builds_the_link_doc_frames(link_doc, upy, tmp_path):
+    got = _listings(link_doc)
+    small = _firmware_frames(upy, tmp_path, "small", 51, LINK_OBJECTS)
+    assert small == [got["small_frame1"], got["small_frame2"]]
+    frags = _firmware_frames(upy, tmp_path, "frag", 51, [(0, 5, 0, EPOCH_RECORD)])
+    assert len(frags) == 15
+    assert (frags[0], frags[3], frags[14]) == (got["frag_frame1"], got["frag_frame4"],
+                                              got["frag_frame15"])
+    assert frags[1][:8].hex() == "10058000d8042b2b" and frags[2][:8].hex() == "10058000d804562b"
+    r = lf.Reassembler()
+    out = [r.feed(5, e) for f in frags for e in lf.parse(f, mtu=51).entries]
+    assert out[:-1] == [None] * 14 and out[-1] == EPOCH_RECORD

@@ -3,6 +3,10 @@
 # named as in the example are compared with it; "checks" holds the other results (acks
 # opened, refusals) that tests/test_seal_wire_doc.py compares with what the document says.
 #   micropython seal_doc.py EXAMPLE.json
+# and the firmware's side of docs/link-format.md's example: fills an outbox at ROOT with the
+# objects of OBJECTS.json ({"mtu": n, "objects": [[kind, epoch, seq, hex], ...]}) and prints
+# every frame firmware/link.py builds from it (no acks, no loss), one hex line each.
+#   micropython seal_doc.py link ROOT OBJECTS.json
 import hashlib
 import json
 import sys
@@ -122,4 +126,42 @@ def main():
     print(json.dumps(out))
 
 
-main()
+class _Radio:
+    def __init__(self, mtu):
+        self.mtu = mtu
+
+    def is_up(self):
+        return True
+
+    def time_on_air_ms(self, n):
+        return 0
+
+
+class _NoAcks:
+    def open(self, payload):
+        raise ValueError("no acks here")
+
+
+def link_main(root, path):
+    from firmware.link import Link
+    from firmware.outbox import Outbox
+
+    with open(path) as f:
+        spec = json.load(f)
+    ob = Outbox(root, 256 * 1024, segment_bytes=2048, max_data=1024)
+    ob.recover()
+    for kind, ep, seq, data in spec["objects"]:
+        ob.append(kind, ep, seq, unhexlify(data))
+    radio = _Radio(spec["mtu"])
+    link = Link(ob, radio, _NoAcks(), window=1000)
+    while True:
+        f = link.build_frame(radio, 0)
+        if f is None:
+            break
+        print(h(f))
+
+
+if sys.argv[1] == "link":
+    link_main(sys.argv[2], sys.argv[3])
+else:
+    main()
