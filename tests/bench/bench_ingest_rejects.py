@@ -5,7 +5,8 @@
 #
 #   unknown kind        64 entries (the most a frame may have) of an unknown kind, 1,024 B
 #   too many entries    341 one-byte entries: one reject for the frame, parsed no further
-#   bad seal            20 records whose tag does not verify (AEAD open each)
+#   bad seal            20 records whose tag does not verify (a pycose AEAD open each),
+#                       without and with the default work budget
 #   bad sig, unbudgeted 7 epoch records (in range) with a bad signature: cert + ES256 each
 #   bad sig, budgeted   the same with the default work budget: a few verifications a
 #                       second, the rest refused ("work budget") at once
@@ -90,7 +91,8 @@ def main():
               % n)
         run(home, "unknown kind", unknown, n)
         run(home, "too many entries", many, n)
-        run(home, "bad seal", bad_seal, n, budget_rate=1e12, budget_burst=1e12)
+        run(home, "bad seal, unbudgeted", bad_seal, n, budget_rate=1e12, budget_burst=1e12)
+        run(home, "bad seal, budgeted", bad_seal, n)
         run(home, "bad sig, unbudgeted", bad_sig, max(50, n // 20), budget_rate=1e12,
             budget_burst=1e12)
         run(home, "bad sig, budgeted", bad_sig, n)
