@@ -164,6 +164,8 @@ class Delivery:
     def housekeeping(self):
         """Called by the supervisor once a second."""
         self.sink.note_cert_known()
+        if self.link is not None:
+            self.health.gauge(H.ACKS_REJECTED, self.link.stats["acks_rejected"])
         cur = self.sink.ep.number if self.sink.ep is not None else None
         for number in self.acks.epochs():
             if number != cur and self._gone(number):

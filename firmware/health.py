@@ -19,13 +19,16 @@ SE_ERRORS = const(9)  # secure-element failures
 MEM_CODE = const(10)  # heap held after boot imports (code loaded from .mpy; 0 when frozen)
 MEM_LIVE_MAX = const(11)  # largest live heap seen right after a collection
 MEM_HIGH = const(12)  # largest heap in use seen before a collection (live + garbage)
+# Acks refused by the module (forged, replayed, other epoch, malformed), cumulative: a rise the
+# server did not expect tells it its acks are not taking effect (ledger: acks_failing).
+ACKS_REJECTED = const(13)
 
 NAMES = {
     POLLS: "polls", POLL_FAILURES: "poll_failures", PUMP_EVENTS: "pump_events",
     LINK_CONDITIONS: "link_conditions", RECONNECTS: "reconnects",
     TASK_RESTARTS: "task_restarts", RECORDS: "records", RECORDS_LOST: "records_lost",
     SE_ERRORS: "se_errors", MEM_CODE: "mem_code", MEM_LIVE_MAX: "mem_live_max",
-    MEM_HIGH: "mem_high",
+    MEM_HIGH: "mem_high", ACKS_REJECTED: "acks_rejected",
 }
 
 

@@ -260,19 +260,24 @@ def test_acks_that_keep_failing_show_in_the_ledger_never_complete(home, ingest, 
     assert led["acks_failing"] is None and led["complete"]
 
 
-def test_a_health_record_reporting_rejected_acks_marks_the_device(home, ingest):
+def test_a_health_record_reporting_rejected_acks_marks_the_device(home, ingest, clock):
     m = started(home, ingest)
-    health = m.seal(1, cbor2.dumps({0: 6, 1: 1, -3: 5, 14: 2, 18: {7: 10, 13: 4}}))
-    import serene.records as records
-    orig = dict(records.HEALTH_COUNTERS)
-    records.HEALTH_COUNTERS.setdefault(13, "acks_rejected")
-    try:
-        ingest.handle(up(), m.frame((K_RECORD, 1, health)))
-    finally:
-        records.HEALTH_COUNTERS.clear()
-        records.HEALTH_COUNTERS.update(orig)
+    # Health code 13 is the firmware's ACKS_REJECTED (firmware/health.py), cumulative.
+    def health(seq, rejected):
+        return m.seal(seq, cbor2.dumps({0: 6, 1: seq, -3: 5, 14: 2,
+                                        18: {7: 10, 13: rejected}}))
+
+    ingest.handle(up(), m.frame((K_RECORD, 1, health(1, 0))))
+    assert ledger(ingest)["acks_failing"] is None
+    ingest.handle(up(), m.frame((K_RECORD, 2, health(2, 4))))
     led = ledger(ingest)
     assert led["acks_failing"]["acks_rejected"] == 4 and not led["complete"]
+    # The same cumulative count again is no new evidence: acks work again, it clears.
+    for s in range(3, 6):
+        clock.t += 25
+        ingest.handle(up(), m.frame((K_RECORD, s, health(s, 4) if s == 3 else m.record(s))))
+    led = ledger(ingest)
+    assert led["acks_failing"] is None and led["complete"], led["acks_failing"]
 
 
 def test_the_fast_signature_check_agrees_with_pycose(home):

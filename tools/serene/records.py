@@ -19,7 +19,7 @@ MODULE_EVENTS = {1: "boot", 2: "health", 3: "records_lost", 4: "se_error",
 HEALTH_COUNTERS = {
     1: "polls", 2: "poll_failures", 3: "pump_events", 4: "link_conditions", 5: "reconnects",
     6: "task_restarts", 7: "records", 8: "records_lost", 9: "se_errors", 10: "mem_code",
-    11: "mem_live_max", 12: "mem_high",
+    11: "mem_live_max", 12: "mem_high", 13: "acks_rejected",
 }
 # Pump link condition codes, as the pump driver numbers them (drivers/pump/base.py COND_*).
 LINK_CONDITIONS = {

@@ -244,6 +244,7 @@ class Ingest:
         self._stale = {}  # device -> OrderedDict (epoch, seq) -> stale copies
         self._failing = {}  # device -> evidence dict (mirror of device_state)
         self._last_stale = {}  # device -> time of the last stale duplicate
+        self._acks_rejected_seen = {}  # device -> acks_rejected of its last health record
         self.owner = "%s:%d:%s" % (socket.gethostname(), os.getpid(), uuid.uuid4().hex[:12])
         now = self.clock()
         taken = store.take_worker(worker_id, self.owner, now, lease_s)
@@ -710,7 +711,13 @@ class Ingest:
     def _health(self, dev, epoch, seq, fields, now):
         """A module health record that reports rejected acks is evidence too."""
         n = (fields.get("counters") or {}).get("acks_rejected")
-        if not n:
+        # The counter is cumulative since the module's boot: only a rise is news (a module
+        # that once refused a forged downlink must not stay "failing" for ever).
+        seen = self._acks_rejected_seen.get(dev, 0)
+        if not isinstance(n, int):
+            return
+        self._acks_rejected_seen[dev] = n
+        if n <= seen:
             return
         ev = dict(self._failing_evidence(dev) or {"since": now}, last_at=now,
                   acks_rejected=n, epoch=epoch, seq=seq,
