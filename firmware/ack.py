@@ -79,6 +79,8 @@ class Acks:
         for v in body:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 self._reject("bad payload", "not unsigned integers")
+        if bitmap >> MAX_BITMAP_BITS:
+            self._reject("bad payload", "bitmap wider than 64 bits")
         if epoch != self.epoch:
             self._reject("bad payload", "acked epoch is not the kid's")
         self.last_piv = piv

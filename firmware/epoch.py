@@ -30,7 +30,7 @@
 # injected values.
 from micropython import const
 
-from firmware import signed
+from firmware import log, signed
 from firmware.ack import Acks
 from firmware.cbor import Encoder
 from firmware.crypto import hkdf
@@ -202,7 +202,11 @@ async def start(se, device_id, server_pub, counter_zone, prev=None):
         for i in range(len(z)):
             z[i] = 0
     if prev is not None and prev[0] >= number:
-        prev = None  # not an earlier epoch (a state file from another chip): name none
+        # Not an earlier epoch (a state file from another chip, or a reflashed counter zone):
+        # name none, and say so: the server's ledger then shows the older epoch unclosed.
+        log.Logger("epoch").warn("previous epoch end %d/%d is not below epoch %d: not named",
+                                 prev[0], prev[1], number)
+        prev = None
     ep = Epoch(device_id, number, pub33, keys, prev=prev)
     try:
         ep.signature = await signed.sign(se, ep.payload)

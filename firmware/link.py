@@ -245,10 +245,9 @@ class Link:
 
     def announce(self, pos):
         """Send the object at outbox position `pos` (the epoch record of a new epoch) before
-        anything else. After a reboot the server seals its acks with the newest epoch key it
-        knows: until it has the new epoch record, no ack can open here, and that record sits
-        behind the whole backlog in log order; a full window of unacknowledged backlog would
-        never let it through."""
+        anything else. The server can open none of the new epoch's records before it has
+        verified that record, which also names where the previous epoch ended (the proof's
+        chain); in log order it would sit behind the whole backlog of older epochs."""
         self._priority = pos
 
     def _in_flight(self, epoch, seq):

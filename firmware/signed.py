@@ -10,8 +10,10 @@
 # The signature is r || s (32 bytes each), as COSE wants it (RFC 9053 §2.1).
 #
 # The payload of every signed object is a CBOR array whose first element is its type:
-#   [TYPE_EPOCH, device_id, epoch, seq = 0, ephemeral key (33, SEC1 compressed)]
-#   [TYPE_CHECKPOINT, device_id, epoch, seq, first_seq, count, chain (32)]
+#   [TYPE_EPOCH, device_id, epoch, seq = 0, ephemeral key (33, SEC1 compressed), prev]
+#       prev = null or [prev_epoch, end_seq, end_hash (32)] (firmware/epoch.py)
+#   [TYPE_CHECKPOINT, device_id, epoch, seq, first_seq, count, chain (32), prev (32)]
+#       (firmware/checkpoint.py)
 # (see docs/wire-format.md).
 import hashlib
 from micropython import const

@@ -307,7 +307,7 @@ def parse_signed(obj: bytes) -> Signed:
     if not isinstance(dev, bytes):
         raise VerifyError("bad payload", "device_id is not a bstr")
     _check_uint(epoch, "epoch", 32)
-    _check_uint(seq, "seq", 40)
+    _check_uint(seq, "seq", 32)  # the chain and the link frame carry 4 bytes
     try:
         # pycose's own decode() wants a list inside the tag, cbor2 6 gives a tuple: hand
         # pycose the decoded structure through its from_cose_obj() (what decode() calls).
@@ -372,8 +372,8 @@ def checkpoint_fields(s: Signed) -> tuple[int, int, bytes]:
     if s.type != TYPE_CHECKPOINT or len(s.fields) not in (3, 4):
         raise VerifyError("bad payload", "not a checkpoint")
     first, count, chain = s.fields[:3]
-    _check_uint(first, "first_seq", 40)
-    _check_uint(count, "count", 40)
+    _check_uint(first, "first_seq", 32)
+    _check_uint(count, "count", 32)
     if not isinstance(chain, bytes) or len(chain) != 32:
         raise VerifyError("bad payload", "chain is not 32 bytes")
     if not 1 <= first <= s.seq or count > s.seq - first:
