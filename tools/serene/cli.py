@@ -7,6 +7,9 @@
     serene stsafe-emu  run the STSAFE-A110 emulator behind the I2C bridge
     serene server      run the medical server's ingest (private Mosquitto, SQLite, acks)
     serene report      print the completeness ledger per device (table or --json)
+    serene webapp      serve the clinicians' and operators' web application
+    serene users       accounts of the web application (`users add` makes the first admin)
+    serene screenshots screenshots of the web application (triage list, patient page; en, fr)
 
 Each command is one row of COMMANDS: its module provides `add_arguments(parser)` and
 `run(args)`. Errors meant for the user are raised as CliError and printed as `serene: message`.
@@ -30,6 +33,9 @@ COMMANDS = {
     "stsafe-emu": ("stsafe.emu_cli", "run the STSAFE-A110 emulator behind the I2C bridge"),
     "server": ("server.cli", "run the medical server's ingest (broker, verification, ledger)"),
     "report": ("server.report", "print the completeness ledger per device (table or --json)"),
+    "webapp": ("webapp.cmd_webapp", "serve the clinicians' and operators' web application"),
+    "users": ("webapp.cmd_users", "accounts of the web application (users add, users list)"),
+    "screenshots": ("webapp.cmd_screenshots", "screenshots of the web application (en, fr)"),
 }
 
 

@@ -1,0 +1,4 @@
+"""serene webapp (serene.cli's contract: add_arguments, run): see webapp/cli.py."""
+
+from .cli import add_webapp_arguments as add_arguments  # noqa: F401
+from .cli import run_webapp as run  # noqa: F401
