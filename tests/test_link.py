@@ -76,7 +76,10 @@ def test_small_records_example():
     [
         (b"", "frame"),
         (b"\x20\x05\x01\x01\x01\x00", "version"),
-        (b"\x11\x05\x01\x01\x01\x00", "flags"),
+        (b"\x12\x05\x01\x01\x01\x00", "flags"),  # reserved flag bits 1-3
+        (b"\x14\x05\x01\x01\x01\x00", "flags"),
+        (b"\x18\x05\x01\x01\x01\x00", "flags"),
+        (b"\x13\x05\x01\x01\x01\x00", "flags"),  # ack requested + a reserved bit
         (b"\x10\x05", "frame"),
         (b"\x10\x85", "epoch"),  # truncated varint
         (b"\x10\x80\x00\x01\x01\x01\x00", "epoch"),  # non-minimal
@@ -91,6 +94,13 @@ def test_parse_rejects_with_named_field(frame, field):
     with pytest.raises(lf.LinkFrameError) as ei:
         lf.parse(frame)
     assert ei.value.field == field
+
+
+def test_ack_requested_flag():
+    f = lf.parse(b"\x11\x05\x01\x01\x01\x00")
+    assert f.flags == lf.ACK_REQUESTED and f.entries[0].data == b"\x00"
+    assert lf.build(f) == b"\x11\x05\x01\x01\x01\x00"
+    assert lf.parse(b"\x10\x05\x01\x01\x01\x00").flags == 0
 
 
 def test_parse_rejects_frame_over_mtu():

@@ -4,6 +4,8 @@ Written from the format document, independently of firmware/link.py; the two mee
 (tests/test_link.py checks firmware-built frames byte for byte).
 
     frame   = hdr:u8 (version << 4 | flags) epoch:uvarint entry+
+              flags: bit 0 (ACK_REQUESTED) = the module asks for an ack now (LoRa: the
+              server spends a downlink on it); bits 1-3 reserved, refused when set
     entry   = kf:u8 (FRAG 0x80 | kind 0..127) seq:uvarint
               [total:uvarint offset:uvarint] len:uvarint data
     uvarint = unsigned LEB128, minimal encoding, at most 5 bytes, value < 2**32
@@ -16,6 +18,9 @@ from dataclasses import dataclass, field
 VERSION = 1
 FRAG = 0x80
 KIND_MASK = 0x7F
+#: Header flag bit 0: the module asks for an ack (docs/link-format.md "Frame").
+ACK_REQUESTED = 0x01
+RESERVED_FLAGS = 0x0E
 MAX_U32 = 0xFFFFFFFF
 #: kinds fixed by the firmware (the frame carries any kind 0..127)
 KINDS = {0: "epoch", 1: "record", 2: "checkpoint", 3: "event"}
@@ -92,7 +97,7 @@ def parse(frame, mtu=None, max_entries=None):
     version, flags = buf[0] >> 4, buf[0] & 0x0F
     if version != VERSION:
         raise LinkFrameError("version", "unsupported version %d" % version, 0)
-    if flags:
+    if flags & RESERVED_FLAGS:
         raise LinkFrameError("flags", "reserved flags set: 0x%x" % flags, 0)
     epoch, i = _uvarint(buf, 1, "epoch")
     entries = []
