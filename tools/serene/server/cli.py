@@ -35,6 +35,13 @@ def add_arguments(p):
                    help="private broker: modules connect over TLS only (no plain listener)")
     p.add_argument("--http", type=int, metavar="PORT", default=None,
                    help="serve the read-only web view on 127.0.0.1:PORT (0: a free port)")
+    p.add_argument("--lorawan", action="store_true",
+                   help="also take LoRaWAN uplinks from a ChirpStack v4 MQTT integration "
+                        "(server/chirpstack.py) on the same broker")
+    p.add_argument("--lorawan-worker-id", type=int, default=None,
+                   help="worker id of the LoRaWAN intake (default: --worker-id + 8, mod 16)")
+    p.add_argument("--downlinks-per-day", type=int, default=10,
+                   help="LoRaWAN: most acks sent as downlinks per device per 24 h")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: Ctrl-C)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every reject")
 
@@ -89,6 +96,25 @@ def run(args):
         if brk:
             brk.stop()
         raise CliError(str(e)) from None
+    lora = None
+    if args.lorawan:
+        from .chirpstack import ChirpstackIntake, load_dev_euis
+
+        lwid = (args.worker_id + 8) % 16 if args.lorawan_worker_id is None \
+            else args.lorawan_worker_id
+        try:
+            lora = ChirpstackIntake(
+                lambda: Ingest(load_verifier(home), Store(db_path(home)), worker_id=lwid),
+                port, creds["username"], creds["password"], load_dev_euis(home),
+                worker_id=lwid, downlinks_per_day=args.downlinks_per_day,
+                budget_path=home / "server" / "lorawan-downlinks.json").start()
+        except (RuntimeError, StoreError, ValueError, OSError) as e:
+            svc.stop()
+            if brk:
+                brk.stop()
+            raise CliError("LoRaWAN intake: %s" % e) from None
+        print("serene server: LoRaWAN intake (ChirpStack integration) as %s, %d devEuis"
+              % (lora.client_id, len(lora.dev_euis)), flush=True)
     web = None
     if args.http is not None:
         from .web import WebView
@@ -115,6 +141,8 @@ def run(args):
     finally:
         if web:
             web.stop()
+        if lora:
+            lora.stop()
         svc.stop()
         if brk:
             brk.stop()
@@ -122,6 +150,10 @@ def run(args):
     print("serene server: stopped; %d uplinks processed, %d acks sent, %d refused at intake "
           "(%s), each counted in the ledger" % (svc.processed, svc.acks_sent, svc.dropped,
                                                 refused), flush=True)
+    if lora:
+        print("serene server: LoRaWAN: %d uplinks processed, %d downlinks, %d refused (%s)"
+              % (lora.stats["processed"], lora.stats["downlinks"], sum(lora.refused.values()),
+                 json.dumps(dict(lora.refused), sort_keys=True)), flush=True)
     print("serene server: intake latency p95 (received -> durable, acked) by device, ms: %s"
           % json.dumps(svc.latency_p95(), sort_keys=True), flush=True)
     return 0
