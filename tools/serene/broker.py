@@ -29,6 +29,8 @@ Everything lives under `<home>/broker/` (mode 0700; every file holding a secret 
                        writes; tests/test_broker.py checks the two agree)
     devices.acl        device <id>: write serene/<id>/up, read serene/<id>/down, nothing else
     server.acl         the server: read serene/+/up and serene/+/down, write serene/+/down
+                       (it subscribes $share/serene-<worker>/serene/<id>/up, one per device:
+                       serene.server.service)
     mosquitto.conf     loopback listeners only, allow_anonymous false, no persistence, bounds
     mosquitto.log      the broker's log
     tls/               with tls=True: a self-signed P-256 certificate for 127.0.0.1/localhost that
@@ -207,6 +209,22 @@ def _device_accounts(creds):
         if creds["devices"][dev].get("username") == dev:
             out.append(creds["devices"][dev])
     return out
+
+
+def device_ids(home):
+    """The device accounts of `<home>/broker/credentials.json` that a device listener
+    accepts (what the server subscribes one by one: registered or not, every account that can
+    publish an uplink). [] without the file."""
+    path = broker_dir(home) / "credentials.json"
+    try:
+        creds = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except ValueError as e:
+        raise BrokerError("%s is not JSON: %s" % (path, e)) from None
+    if not isinstance(creds, dict) or not isinstance(creds.get("devices"), dict):
+        return []
+    return [a["username"] for a in _device_accounts(creds)]
 
 
 def password_file_text(accounts):

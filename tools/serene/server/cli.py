@@ -9,7 +9,8 @@ devices (accounts and ACLs under DIR/broker/, its ports written to DIR/broker/br
 the modules and the bench: `port` / `tls_port` for modules, `server_port` for server
 processes); with it, it connects to that loopback broker's SERVER listener (server_port) with
 the server account of DIR/broker/credentials.json. --worker-id N (0-15, unique among running
-ingest processes) names its client id serene-server-N, its persistent session at the broker
+ingest processes) names its client ids serene-server-N (and serene-server-N-q, the quarantine
+of a device over its intake quota: server/service.py), their persistent sessions at the broker
 and its ack Partial IVs. --tls: modules reach the private broker over TLS only (its plain
 device listener is closed); the server's own listener stays plain on loopback. The database is DIR/server/ingest.sqlite3; `serene
 report --home DIR` reads it, also while the server runs; --http serves the same ledger and the
@@ -89,9 +90,15 @@ def run(args):
     def make_ingest():
         return Ingest(load_verifier(home), Store(db_path(home)), worker_id=args.worker_id)
 
+    def device_list():
+        # Every account that can publish an uplink, registered or not: the server subscribes
+        # them one by one (a flooding one can then be quarantined) and counts what an
+        # unregistered one sends.
+        return sorted(set(devices) | set(B.device_ids(home)))
+
     try:
         svc = IngestService(make_ingest, port, creds["username"], creds["password"],
-                            worker_id=args.worker_id).start()
+                            worker_id=args.worker_id, devices=device_list).start()
     except (RuntimeError, StoreError) as e:
         if brk:
             brk.stop()
@@ -150,10 +157,15 @@ def run(args):
     print("serene server: stopped; %d uplinks processed, %d acks sent, %d refused at intake "
           "(%s), each counted in the ledger" % (svc.processed, svc.acks_sent, svc.dropped,
                                                 refused), flush=True)
+    if svc.quarantines:
+        print("serene server: quarantined (times): %s" % json.dumps(dict(svc.quarantines),
+                                                                   sort_keys=True), flush=True)
     if lora:
         print("serene server: LoRaWAN: %d uplinks processed, %d downlinks, %d refused (%s)"
               % (lora.stats["processed"], lora.stats["downlinks"], sum(lora.refused.values()),
                  json.dumps(dict(lora.refused), sort_keys=True)), flush=True)
+    print("serene server: main intake stages p95, ms: %s" % json.dumps(svc.stages_p95()),
+          flush=True)
     print("serene server: intake latency p95 (received -> durable, acked) by device, ms: %s"
           % json.dumps(svc.latency_p95(), sort_keys=True), flush=True)
     return 0
