@@ -275,13 +275,15 @@ def test_a_qos1_flood_loses_nothing_silently(home, tmp_path):
             code, out, err = srv.stop()
     print("flood:", r1, r0, led["rejects"], out)
     assert code == 0, err
+    assert "quarantined (times)" in out  # the count is exact across the move to quarantine
     assert r1["acked"] > 2000  # a flood worth the name
     # Nothing disappeared: every QoS-1 message is a reject, processed or refused at intake.
     # (QoS 0 ones may be lost by the broker or the socket before the server: Mosquitto does
     # not queue them for a busy subscriber; those that arrived are counted.)
     assert led["rejects"].get("qos 0", 0) >= 1
     assert led["rejected"] - led["rejects"].get("qos 0", 0) == r1["acked"], led["rejects"]
-    assert "queue full" in led["rejects"] or led["rejects"].get("bad frame", 0) == r1["acked"]
+    assert ("queue full" in led["rejects"] or "quarantined" in led["rejects"]
+            or led["rejects"].get("bad frame", 0) == r1["acked"])
 
 
 def test_server_killed_mid_flood_loses_nothing(home, tmp_path):
@@ -392,7 +394,7 @@ def run_flood_scenario(tmp_path, mpy_dir, flood, unloaded_s=10.0, loaded_s=10.0,
             fig["firmware_tail"] = fw.text()[-5:]
             lat.close()
             code, out, err = srv.stop()
-            fig["server_exit"], fig["server_out"] = code, out.strip()[-600:]
+            fig["server_exit"], fig["server_out"] = code, out.strip()[-1200:]
     finally:
         sim.stop()
     return fig
@@ -409,12 +411,15 @@ def test_a_hostile_flood_leaves_a_good_module_its_latency_and_its_records(tmp_pa
     assert len(fig["unloaded"]) >= 10 and len(fig["loaded"]) >= 10
     assert fig["flood_result"]["acked"] > 1000
     # The good module's ack latency at p95, measured at the broker. The issue's figure is 2x
-    # of the unloaded run; on this 2-core machine, shared by the flooding process, Mosquitto,
-    # the firmware and the server, it is ~3 ms unloaded and 50-65 ms loaded (the server's own
-    # part, received -> durable and acked, is 16-23 ms: one hostile frame and a commit). The
-    # bound asserted is the one that holds here; tests/bench/bench_flood.py prints the figures.
-    # (Before issue 8 such a flood stalled every device for minutes.)
-    assert fig["p95_loaded_ms"] <= max(2 * fig["p95_unloaded_ms"], 150), summary
+    # of the unloaded run. The flooding device is quarantined (its own session at the broker:
+    # serene.server.service), so the module no longer waits behind its flood in Mosquitto's
+    # queue; what remains is CPU: on this 2-core machine, shared by the flooding process,
+    # Mosquitto (~17,000 messages/s in and out), the firmware and the server, it is 3-7 ms
+    # unloaded and 15-40 ms loaded, of which the server's own part is 6-8 ms (its commit, an
+    # fsync, ~5 ms). Before the quarantine it was 49-80 ms; before issue 8, minutes. The bound
+    # asserted is the one that holds here; tests/bench/bench_flood.py prints the figures.
+    assert fig["p95_loaded_ms"] <= max(2 * fig["p95_unloaded_ms"], 60), summary
+    assert "quarantined (times)" in fig["server_out"] and HOSTILE in fig["server_out"], summary
     assert fig["hwm_kb"] < 300 * 1024
     rejects = fig["hostile_ledger"]["rejects"]
     assert sum(rejects.values()) > 0 and fig["hostile_ledger"]["rejected"] > 0, rejects

@@ -33,13 +33,17 @@ def main(argv):
             work = pathlib.Path(d) / kind
             work.mkdir()
             fig = run_flood_scenario(work, mpy, kind, unloaded_s=seconds, loaded_s=seconds)
-            intake = fig["server_out"].split("ms: ")[-1] if "ms: " in fig["server_out"] else ""
+            lines = {ln.split(",")[0].split(" p95")[0]: ln.split("ms: ")[-1]
+                     for ln in fig["server_out"].splitlines() if "ms: " in ln}
+            intake = lines.get("serene server: intake latency", "")
+            stages = lines.get("serene server: main intake stages", "")
             r = {"flood": kind, "flood_rate_per_s": round(fig["flood_result"]["rate"]),
                  "flood_sent": fig["flood_result"]["acked"],
                  "p95_unloaded_ms": round(fig["p95_unloaded_ms"], 2),
                  "p95_loaded_ms": round(fig["p95_loaded_ms"], 2),
                  "samples": [len(fig["unloaded"]), len(fig["loaded"])],
                  "server_intake_p95_ms": intake,
+                 "server_main_stages_p95_ms": stages,
                  "server_vmhwm_mb": round(fig["hwm_kb"] / 1024, 1),
                  "good_records_sealed": fig["sealed"], "good_missing": len(fig["missing"]),
                  "good_stored_once": fig["stored_once"],
