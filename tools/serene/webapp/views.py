@@ -222,7 +222,8 @@ def patient_or_403(conn, pid):
     for p in my_patients(conn):
         if p.id == pid:
             return p
-    audit("patient.denied", patient_id=pid, target=request.path, outcome="denied", conn=conn)
+    # its own transaction: the request's is rolled back by the 403
+    audit("patient.denied", patient_id=pid, target=request.path, outcome="denied")
     abort(403)
 
 
@@ -271,6 +272,12 @@ def triage_rows(conn):
     rows = [summary(conn, p) for p in my_patients(conn)]
     rows.sort(key=lambda r: (r["rank"], r["patient"].display_name))
     return rows
+
+
+@bp.route("/favicon.ico")
+@public
+def favicon():
+    return Response(status=204)
 
 
 @bp.route("/triage")

@@ -34,7 +34,7 @@
     id: "stateBands",
     beforeDatasetsDraw: function (chart) {
       var x = chart.scales.x, area = chart.chartArea, ctx = chart.ctx;
-      (chart.$serene.bands || []).forEach(function (b) {
+      ((chart.$serene || data).bands || []).forEach(function (b) {
         var a = Math.max(x.getPixelForValue(b[0]), area.left);
         var e = Math.min(x.getPixelForValue(b[1]), area.right);
         if (e <= a) { return; }
@@ -45,7 +45,7 @@
     afterDatasetsDraw: function (chart) {
       var x = chart.scales.x, area = chart.chartArea, ctx = chart.ctx;
       ctx.save(); ctx.fillStyle = "#8b0000"; ctx.font = "12px sans-serif";
-      (chart.$serene.alarms || []).forEach(function (a, i) {
+      ((chart.$serene || data).alarms || []).forEach(function (a, i) {
         var px = x.getPixelForValue(a[0]);
         if (px < area.left || px > area.right) { return; }
         ctx.fillText(a[1], Math.min(px + 6, area.right - 120), area.bottom - 14 - 14 * (i % 3));
