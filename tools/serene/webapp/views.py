@@ -69,7 +69,11 @@ def install_filters(app):
     def dt(t, fmt="short"):
         if t is None:
             return "–"
-        return format_datetime(datetime.datetime.fromtimestamp(t, datetime.timezone.utc), fmt)
+        try:
+            d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+            return format_datetime(d, fmt)
+        except (OverflowError, ValueError, OSError):  # e.g. a certificate valid "for ever"
+            return "9999-12-31" if t > 0 else "–"
 
     def num(x, digits=1):
         if x is None:
