@@ -13,8 +13,9 @@ ingest processes) names its client ids serene-server-N (and serene-server-N-q, t
 of a device over its intake quota: server/service.py), their persistent sessions at the broker
 and its ack Partial IVs. --tls: modules reach the private broker over TLS only (its plain
 device listener is closed); the server's own listener stays plain on loopback. The database is DIR/server/ingest.sqlite3; `serene
-report --home DIR` reads it, also while the server runs; --http serves the same ledger and the
-decoded records as a small read-only web page on loopback (server/web.py).
+report --home DIR` reads it, also while the server runs; --http serves the clinicians' and
+operators' web application (serene.webapp: accounts, audit, triage, patient pages, ledger) on
+127.0.0.1:PORT, on the same database (`serene users add` makes its first account).
 """
 
 import json
@@ -35,7 +36,7 @@ def add_arguments(p):
     p.add_argument("--tls", action="store_true",
                    help="private broker: modules connect over TLS only (no plain listener)")
     p.add_argument("--http", type=int, metavar="PORT", default=None,
-                   help="serve the read-only web view on 127.0.0.1:PORT (0: a free port)")
+                   help="serve the web application on 127.0.0.1:PORT (0: a free port)")
     p.add_argument("--lorawan", action="store_true",
                    help="also take LoRaWAN uplinks from a ChirpStack v4 MQTT integration "
                         "(server/chirpstack.py) on the same broker")
@@ -124,11 +125,11 @@ def run(args):
               % (lora.client_id, len(lora.dev_euis)), flush=True)
     web = None
     if args.http is not None:
-        from .web import WebView
+        from ..webapp.server import AppServer
 
         try:
-            web = WebView(home, args.http).start()
-        except OSError as e:
+            web = AppServer(home, args.http).start()
+        except (OSError, StoreError) as e:
             svc.stop()
             if brk:
                 brk.stop()
