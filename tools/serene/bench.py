@@ -262,9 +262,23 @@ def run(args):
     print_summary(summary)
     if args.json_summary:
         pathlib.Path(args.json_summary).write_text(json.dumps(summary, indent=2) + "\n")
+    if not args.pump_only:
+        _screenshots(work)
     if rc not in (0, -signal.SIGINT):
         raise CliError("firmware exited with status %s" % rc)
     return 0
+
+
+def _screenshots(work):
+    """The clinicians' application on this run's data: triage list and patient page, English
+    and French (serene screenshots), in work/screenshots; printed, never fatal."""
+    try:
+        from .webapp.screenshots import take
+
+        for path in take(work / "home", work / "screenshots", DEVICE):
+            print("bench: screenshot %s" % path, flush=True)
+    except Exception as e:  # noqa: BLE001 - a missing browser must not fail the bench
+        print("bench: no screenshots: %s" % e, flush=True)
 
 
 class FirmwareProcess:

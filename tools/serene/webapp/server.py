@@ -28,7 +28,11 @@ class AppServer:
         self._srv = self._thread = None
 
     def start(self):
+        import logging
+
         from . import create_app
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
 
         self.app = create_app(self.home, self.db_url, SESSION_COOKIE_SECURE=bool(self.tls),
                               **self.config)

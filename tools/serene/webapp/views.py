@@ -359,7 +359,7 @@ def chart_labels():
     return {"rate": _("Rate (ml/h)"), "volume": _("Volume delivered (ml)"),
             "dose": _("Dose prescribed (ml)"), "alarm": _("Alarm"),
             "time": _("Time"), "states": {k: str(v) for k, v in PUMP_STATE_WORDS.items()},
-            "locale": str(_locale_tag())}
+            "locale": str(_locale_tag()), "tz": current_app.config["BABEL_DEFAULT_TIMEZONE"]}
 
 
 def _locale_tag():

@@ -11,7 +11,7 @@
     standby: "rgba(120,120,120,.12)", priming: "rgba(21,101,192,.1)",
     flush: "rgba(21,101,192,.16)", dose_complete: "rgba(21,101,192,.24)",
     alarm_hold: "rgba(198,40,40,.22)"};
-  var fmt = new Intl.DateTimeFormat(labels.locale, {hour: "2-digit", minute: "2-digit",
+  var fmt = new Intl.DateTimeFormat(labels.locale, {hour: "2-digit", minute: "2-digit", timeZone: labels.tz,
     day: "2-digit", month: "2-digit"});
 
   function datasets(d) {
