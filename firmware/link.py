@@ -3,7 +3,8 @@
 #
 # Uplink frame, version 1 (docs/link-format.md is the reference; tools/serene/linkframe.py the
 # host-side parser):
-#   hdr u8 = version << 4 | flags (version 1, flags 0)  |  epoch uvarint
+#   hdr u8 = version << 4 | flags (version 1; flag bit 0 = ack requested, bits 1-3 zero)
+#   |  epoch uvarint
 #   then entries up to the end of the frame:
 #     kf u8 = FRAG (0x80) | kind (0..127)  |  seq uvarint
 #     [FRAG: total uvarint, offset uvarint]  |  len uvarint  |  data[len]
@@ -21,7 +22,25 @@
 #     from it is applied to the outbox (mark_acked, then commit when it acknowledged something
 #     new); ValueError from it (forged, replayed, malformed) is counted and the payload dropped.
 #   - Before each frame the radio's duty-cycle budget is consulted and charged (time on air).
+#   - The MTU is read from the radio for every frame (LoRa: it follows the DR, which ADR may
+#     change between two frames); a fragmented object goes on at its offset in the new MTU.
 #   - After a reboot a new Link starts from the outbox's first unacknowledged object.
+#
+# On a radio whose downlinks are scarce (LoRa class A: a downlink only in the two windows
+# after an uplink, about 10 a day on public networks; the radio says so with
+# `asks_acks = True`), the link ASKS for acks (header flag bit 0) and the server acks only
+# then (or when much is pending):
+#   - it asks when half the window has been sent since the last ask, at the end of a burst
+#     (nothing more to send now), and on every retransmission;
+#   - an ack can only come in the windows of an uplink, so the ack deadlines start at an
+#     asking frame: all objects in flight are due rto after it, rto = max(rto_ms,
+#     radio.ack_timeout_ms(n)) (the frame's time on air, both receive windows and a margin);
+#     objects of a frame that does not ask wait for the next ask (at most rto_max_ms);
+#   - with coalesce_ms > 0, a frame of new objects only that would not be full waits until
+#     its oldest object has waited coalesce_ms (small records share a frame), unless an
+#     urgent object (a pump alarm: urgent(pos)) is pending, which goes out first.
+# Radios without `asks_acks` (LTE-M, BLE) see exactly the behaviour above: flags 0,
+# deadlines per frame, no coalescing unless configured.
 import time
 from array import array
 from micropython import const
@@ -41,6 +60,7 @@ _DEBUG = const(False)
 
 VERSION = const(1)
 _HDR = const(0x10)  # VERSION << 4, flags 0
+ACK_REQUESTED = const(0x01)  # header flag bit 0: the module asks for an ack now
 _FRAG = const(0x80)
 _KIND_MASK = const(0x7F)
 _MIN_FRAG_DATA = const(8)  # do not open a fragment in a frame with less room than this
@@ -52,6 +72,10 @@ _RTO_MS = const(2000)
 _RTO_MAX_MS = const(60000)
 _POLL_MS = const(250)  # how long the loop listens when nothing is due (new appends wait this)
 _SEND_TIMEOUT_MS = const(10000)  # longest LoRa frame (SF12, 51 B) is ~2.8 s on air
+# Deadline of an object sent in a frame that did not ask for an ack (asks_acks radios): the
+# next asking frame (at the latest the end of the burst) arms it; this is only a bound, kept
+# under half the ticks period (2**30 ms on the unix port and the STM32).
+_PARK_MS = const(1 << 27)
 
 
 class LinkError(Exception):
@@ -114,6 +138,7 @@ class Link:
         poll_ms=_POLL_MS,
         send_timeout_ms=_SEND_TIMEOUT_MS,
         clock=time.ticks_ms,
+        coalesce_ms=0,
     ):
         if not isinstance(radios, (list, tuple)):
             radios = [radios]
@@ -128,6 +153,10 @@ class Link:
         self.poll_ms = poll_ms
         self.send_timeout_ms = send_timeout_ms
         self.clock = clock
+        self.coalesce_ms = coalesce_ms
+        self._held_since = None  # when a not-full frame of new objects was first held back
+        self._hurry = False  # an urgent object is pending: no coalescing
+        self._since_ask = 0  # objects sent since the last frame that asked for an ack
         self._frame = bytearray(max(256, max(r.mtu for r in radios)))
         self._fmv = memoryview(self._frame)
         # In-flight objects, one slot each (preallocated lists, no per-object allocation):
@@ -165,7 +194,12 @@ class Link:
             "recv_errors": 0,
             "lost_in_outbox": 0,
             "failovers": 0,
+            "ack_requests": 0,
+            "mtu_changes": 0,
+            "coalesced_waits": 0,
+            "urgent": 0,
         }
+        self._mtu = 0
 
     # ---------------------------------------------------------------- radios
 
@@ -176,9 +210,16 @@ class Link:
                 if r is not self._radio:
                     if self._radio is not None:
                         self.stats["failovers"] += 1
+                    old = self._radio
                     self._radio = r
                     # A new MTU: an object half sent in fragments starts again whole.
                     self._cont = -1
+                    if old is not None and getattr(old, "asks_acks", False):
+                        # Objects parked waiting for an ask on the old radio go again.
+                        now = self.clock()
+                        for i in range(self._slots):
+                            if self._used[i]:
+                                self._due[i] = now
                 return r
         return None
 
@@ -250,6 +291,16 @@ class Link:
         chain); in log order it would sit behind the whole backlog of older epochs."""
         self._priority = pos
 
+    def urgent(self, pos):
+        """The object at outbox position `pos` is urgent (a pump alarm): no coalescing delay
+        while it waits, and on a radio that asks for acks (LoRa) it goes before the backlog
+        (through the announce slot, when no epoch record holds it)."""
+        self.stats["urgent"] += 1
+        self._hurry = True
+        r = self._radio or self.radios[0]
+        if self._priority < 0 and getattr(r, "asks_acks", False):
+            self._priority = pos
+
     def _in_flight(self, epoch, seq):
         for i in range(self._slots):
             if self._used[i] and self._epoch[i] == epoch and self._seq[i] == seq:
@@ -266,9 +317,12 @@ class Link:
             return min(w, self.poll_ms)
         if self._cont >= 0 or self._priority >= 0:
             return 0
-        if self._nused < self.window and self.outbox.next_entry(self._next_pos) is not None:
-            return 0
         best = self.poll_ms
+        if self._nused < self.window and self.outbox.next_entry(self._next_pos) is not None:
+            h = self._hold_ms(radio, now)
+            if h <= 0:
+                return 0
+            best = h if h < best else best
         for i in range(self._slots):
             if self._used[i] and i != self._cont:
                 d = time.ticks_diff(self._due[i], now)
@@ -286,13 +340,23 @@ class Link:
         if budget.wait_ms(now) > 0:
             return None
         self._drop_acked()
-        mtu = min(radio.mtu, len(self._frame))
+        mtu = min(radio.mtu, len(self._frame))  # read for every frame: ADR changes it
         if mtu < _MIN_MTU:
             raise LinkError("mtu", mtu)
+        if mtu != self._mtu:
+            if self._mtu:
+                self.stats["mtu_changes"] += 1
+            self._mtu = mtu
+        asks = getattr(radio, "asks_acks", False)
+        if self._hold_ms(radio, now) > 0:
+            self.stats["coalesced_waits"] += 1
+            return None
         buf = self._frame
         n = 0
         epoch = None
         ob = self.outbox
+        done = 0  # objects whose last byte went into this frame
+        resent = False
         while True:
             # 1. the rest of a fragmented object, 2. an overdue one, 3. a new one
             i = self._cont
@@ -328,6 +392,7 @@ class Link:
                     if i < 0:
                         break
                     self.stats["retransmissions"] += 1
+                    resent = True
                     e = ob.read(self._pos[i])
             else:
                 if epoch is not None and self._epoch[i] != epoch:
@@ -348,7 +413,12 @@ class Link:
             n, end = self._put(e, off, n, mtu)
             if end == len(e.data):
                 self._tries[i] += 1
-                self._due[i] = time.ticks_add(now, self._backoff(self._tries[i]))
+                done += 1
+                if asks:
+                    # No ack can come for it before an asking frame: that one arms it.
+                    self._due[i] = time.ticks_add(now, _PARK_MS)
+                else:
+                    self._due[i] = time.ticks_add(now, self._backoff(self._tries[i]))
                 self._cont = -1
             else:
                 self._cont = i
@@ -358,10 +428,72 @@ class Link:
                 break
         if n == 0:
             return None
+        self._held_since = None
+        if asks:
+            self._since_ask += done
+            more = self._cont >= 0 or self._priority >= 0 or self._due_slot(now, None) >= 0 \
+                or (self._nused < self.window and ob.next_entry(self._next_pos) is not None)
+            if not more:
+                self._hurry = False
+            if resent or self._since_ask >= (self.window + 1) // 2 or (
+                    not more and self._since_ask > 0):
+                buf[0] |= ACK_REQUESTED
+                self.stats["ack_requests"] += 1
+                self._since_ask = 0
+                self._arm(now, self._rto(radio, n))
         self.stats["frames"] += 1
         self.stats["bytes"] += n
         budget.charge(radio.time_on_air_ms(n), now)
         return self._fmv[:n]
+
+    def _rto(self, radio, n):
+        """The ack deadline after a frame of n bytes: the link's rto_ms, or longer if the
+        radio says an ack cannot come sooner (LoRa class A: time on air + both windows)."""
+        f = getattr(radio, "ack_timeout_ms", None)
+        if f is None:
+            return self.rto_ms
+        t = f(n)
+        return t if t > self.rto_ms else self.rto_ms
+
+    def _arm(self, now, rto):
+        """An asking frame: every object in flight is due rto (backed off by its tries)
+        from now (the ack asked for covers them all: acks are cumulative)."""
+        for i in range(self._slots):
+            if self._used[i] and i != self._cont:
+                d = rto << min(self._tries[i] - 1 if self._tries[i] else 0, 20)
+                if d > self.rto_max_ms:
+                    d = self.rto_max_ms if rto <= self.rto_max_ms else rto
+                self._due[i] = time.ticks_add(now, d - getrandbits(16) % (d // 4 + 1))
+
+    def _hold_ms(self, radio, now):
+        """How long a frame of new objects should wait to be filled (coalesce_ms), 0 to
+        send now: never with something else to send (fragments, the announced record,
+        retransmissions), an urgent object pending, or enough to fill a frame."""
+        if self.coalesce_ms <= 0 or self._hurry or self._cont >= 0 or self._priority >= 0:
+            return 0
+        if self._nused >= self.window or self._due_slot(now, None) >= 0:
+            return 0
+        ob = self.outbox
+        pos = self._next_pos
+        e = ob.next_entry(pos)
+        if e is None:
+            self._held_since = None
+            return 0
+        epoch = e.epoch
+        room = min(radio.mtu, len(self._frame)) - 1 - varint_len(epoch)
+        k = self._nused
+        while e is not None:
+            if e.epoch != epoch or k >= self.window:
+                return 0  # the frame ends there anyway
+            room -= 1 + varint_len(e.seq) + varint_len(len(e.data)) + len(e.data)
+            if room <= 0:
+                return 0  # a full frame is ready
+            k += 1
+            e = ob.next_entry(e.next)
+        if self._held_since is None:
+            self._held_since = now
+        left = self.coalesce_ms - time.ticks_diff(now, self._held_since)
+        return left if left > 0 else 0
 
     def _fits(self, e, n, mtu, off):
         """Whether (part of) entry e, from byte `off`, should go into a frame holding n bytes

@@ -285,10 +285,11 @@ LINK_OBJECTS = [  # the example's objects, as the document describes them
 EPOCH_RECORD = bytes(i & 0xFF for i in range(600))  # kind 0, epoch 5, seq 0
 
 
-def _firmware_frames(upy, tmp_path, name, mtu, objects):
+def _firmware_frames(upy, tmp_path, name, mtu, objects, asks=False):
     spec = tmp_path / (name + ".json")
-    spec.write_text(json.dumps({"mtu": mtu, "objects": [[k, e, s, d.hex()]
-                                                        for k, e, s, d in objects]}))
+    spec.write_text(json.dumps({"mtu": mtu, "asks": asks, "objects": [[k, e, s, d.hex()]
+                                                                      for k, e, s, d in
+                                                                      objects]}))
     res = upy.run([HELPER, "link", str(tmp_path / name), str(spec)], mpy=True)
     return [bytes.fromhex(line) for line in res.stdout.split()]
 
@@ -301,7 +302,9 @@ def link_doc():
 def test_link_doc_listings_parse_and_rebuild(link_doc):
     got = _listings(link_doc)
     assert set(got) == {"small_frame1", "small_frame2", "frag_frame1", "frag_frame4",
-                        "frag_frame15"}
+                        "frag_frame15", "ask_frame2"}
+    ask = lf.parse(got["ask_frame2"], mtu=51)
+    assert ask.flags == lf.ACK_REQUESTED and got["ask_frame2"][1:] == got["small_frame2"][1:]
     f1, f2 = lf.parse(got["small_frame1"], mtu=51), lf.parse(got["small_frame2"], mtu=51)
     assert (len(got["small_frame1"]), len(got["small_frame2"])) == (30, 46)
     assert f1.epoch == f2.epoch == 5
@@ -325,6 +328,9 @@ def test_firmware_builds_the_link_doc_frames(link_doc, upy, tmp_path):
     got = _listings(link_doc)
     small = _firmware_frames(upy, tmp_path, "small", 51, LINK_OBJECTS)
     assert small == [got["small_frame1"], got["small_frame2"]]
+    # The same objects on a radio that asks for acks (LoRa): the end of the burst asks.
+    asked = _firmware_frames(upy, tmp_path, "ask", 51, LINK_OBJECTS, asks=True)
+    assert asked == [got["small_frame1"], got["ask_frame2"]]
     frags = _firmware_frames(upy, tmp_path, "frag", 51, [(0, 5, 0, EPOCH_RECORD)])
     assert len(frags) == 15
     assert (frags[0], frags[3], frags[14]) == (got["frag_frame1"], got["frag_frame4"],

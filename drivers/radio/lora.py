@@ -12,6 +12,11 @@
 #                     the current DR (SX1261/2 datasheet §6.1.4 formula, drivers/lorawan/eu868)
 #   budget            the sub-band duty cycle: wait_ms() asks the MAC when a channel is free
 #   is_up()           joined
+#   asks_acks         True: downlinks are scarce (class A, ~10 a day on public networks), so
+#                     the link layer asks for acks in its frame header (firmware/link.py)
+#   ack_timeout_ms(n) the earliest an ack of an n-byte frame can be given up on: time on air,
+#                     RX1 delay, RX2 (1 s later) and its window, plus a margin for the network
+#                     server's and the application's round trip
 # run() is the long-lived task: resumes the stored session or joins, and rejoins when the MAC
 # says so (FCnt exhausted).
 #
@@ -33,6 +38,14 @@ _RX_SLOTS = const(4)  # queued downlinks; overflow drops the OLDEST (acks are cu
 # _JOIN_ROUND attempts run() waits _REJOIN_PAUSE_MS more (a network outage, not the radio).
 _JOIN_ROUND = const(8)
 _REJOIN_PAUSE_MS = const(60_000)
+# RP002-1.0.4 EU863-870 defaults (and L2 1.0.4 §3.3): RECEIVE_DELAY1 1 s (RXTimingSetupReq may
+# change it: mac.rx_delay_ms), RECEIVE_DELAY2 = RECEIVE_DELAY1 + 1 s; the RX2 window stays open
+# at least 8 preamble symbols at the RX2 DR (DR0: SF12, 262 ms). A class A ack can come only in
+# those windows; the margin covers the network server's de-duplication and its wait for the
+# application's downlink (ChirpStack's get_downlink_data_delay) when it misses RX1 and RX2
+# the ack rides on the next uplink, which the link layer sends as a retransmission.
+_RX2_AFTER_RX1_MS = const(1000)
+_ACK_MARGIN_MS = const(1000)
 
 
 class LoraError(RadioError):
@@ -75,7 +88,8 @@ class LoraRadio(Radio):
         self._rx_count = 0
         self._rx_event = asyncio.Event()
         self.stats = {"sent": 0, "send_failures": 0, "downlinks": 0, "downlinks_dropped": 0,
-                      "downlinks_other_port": 0, "joins": 0}
+                      "downlinks_other_port": 0, "joins": 0, "dr_changes": 0}
+        self._dr = -1
 
     # Radio.__init__ assigns mtu; the real one follows the DR.
     @property
@@ -88,6 +102,15 @@ class LoraRadio(Radio):
 
     def is_up(self):
         return self.device.mac.joined
+
+    asks_acks = True
+
+    def ack_timeout_ms(self, n):
+        mac = self.device.mac
+        sf = eu868.sf(mac.rx2_dr)
+        rx2_ms = 8 * ((1 << sf) * 1000 + eu868.BW_HZ - 1) // eu868.BW_HZ
+        return (self.time_on_air_ms(n) + (mac.rx_delay_ms or 1000) + _RX2_AFTER_RX1_MS + rx2_ms
+                + _ACK_MARGIN_MS)
 
     def time_on_air_ms(self, n):
         return eu868.time_on_air_ms(n + _LORAWAN_OVERHEAD, self.device.mac.dr)
@@ -103,6 +126,11 @@ class LoraRadio(Radio):
             self.stats["send_failures"] += 1
             raise LoraError("mac", e)
         self.stats["sent"] += 1
+        dr = self.device.mac.dr
+        if dr != self._dr:
+            if self._dr >= 0:
+                self.stats["dr_changes"] += 1
+            self._dr = dr
         if got is not None:
             port, payload = got
             if port == self.port:
@@ -122,6 +150,19 @@ class LoraRadio(Radio):
         self._rxq[(self._rx_head + self._rx_count) % n] = payload
         self._rx_count += 1
         self._rx_event.set()
+
+    def report(self):
+        """Figures for the summary line: airtime, per sub-band airtime (ms), FCnt, DR."""
+        dev = self.device
+        mac = dev.mac
+        bands = {}
+        for i in range(len(eu868.BAND_NAMES)):
+            if mac.bands.airtime_ms[i]:
+                bands[eu868.BAND_NAMES[i]] = mac.bands.airtime_ms[i]
+        return {"lora_airtime_ms": dev.stats["airtime_ms"], "lora_band_airtime_ms": bands,
+                "lora_fcnt_up": mac.fcnt_up, "lora_dr": mac.dr, "lora_tx": dev.stats["tx"],
+                "lora_rx1": dev.stats["rx1"], "lora_rx2": dev.stats["rx2"],
+                "lora_refused": dev.stats["refused"]}
 
     async def recv(self, timeout_ms):
         if not self._rx_count:

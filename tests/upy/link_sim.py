@@ -46,7 +46,7 @@ def enc(v):
 
 def parse(frame):
     """(epoch, [(kind, seq, frag, total, offset, data)]) of a version-1 frame."""
-    if len(frame) < 2 or frame[0] != 0x10:
+    if len(frame) < 2 or frame[0] & 0xFE != 0x10:  # version 1; flag bit 0: ack requested
         raise FrameError("header")
     epoch, i = uvarint(frame, 1)
     out = []
@@ -252,7 +252,9 @@ class Sim:
                     self.up.put(frame, self.t, down=self.blackhole)
                     sent = max(1, radio.time_on_air_ms(len(frame)))
             for frame in self.up.due(self.t):
-                self.down.put(server.receive(frame), self.t)
+                ack = server.receive(frame)
+                if ack is not None:  # a server that acks only when asked (LoRa)
+                    self.down.put(ack, self.t)
             for ack in self.down.due(self.t):
                 link.on_downlink(ack)
             if sent:
@@ -296,3 +298,33 @@ class AsyncRadio(Radio):
         if not self.inbox:
             await asyncio.sleep_ms(min(timeout_ms, 5))
         return self.inbox.pop(0) if self.inbox else None
+
+
+class AskingServer(FakeServer):
+    """A LoRaWAN-like server: it acks only a frame that asks for it (header flag bit 0)."""
+
+    def __init__(self, mtu=None, nbits=64):
+        super().__init__(mtu, nbits)
+        self.asked = 0
+        self.acks_sent = 0
+
+    def receive(self, frame):
+        ack = super().receive(frame)
+        if frame[0] & 1:
+            self.asked += 1
+            self.acks_sent += 1
+            return ack
+        return None
+
+
+class LoraSimRadio(SimRadio):
+    """SimRadio that asks for acks (class A) and whose MTU the test may change (ADR)."""
+
+    asks_acks = True
+
+    def __init__(self, name, mtu, sim, rto_ms=3000, **kw):
+        super().__init__(name, mtu, sim, **kw)
+        self.rto = rto_ms
+
+    def ack_timeout_ms(self, n):
+        return self.time_on_air_ms(n) + self.rto

@@ -153,6 +153,7 @@ def link_main(root, path):
     for kind, ep, seq, data in spec["objects"]:
         ob.append(kind, ep, seq, unhexlify(data))
     radio = _Radio(spec["mtu"])
+    radio.asks_acks = spec.get("asks", False)  # a LoRa-like radio: the link asks for acks
     link = Link(ob, radio, _NoAcks(), window=1000)
     while True:
         f = link.build_frame(radio, 0)

@@ -8,7 +8,9 @@ import os
 from firmware.link import Cum2Acks, Link, LinkError
 from firmware.outbox import Outbox
 from link_sim import (
+    AskingServer,
     AsyncRadio,
+    LoraSimRadio,
     FakeOpener,
     FakeServer,
     Rng,
@@ -496,5 +498,144 @@ def test_announced_epoch_record_goes_first_even_with_a_full_window():
             raise AssertionError((epoch, entries))
         if link.in_flight() != 5:  # the reserved slot
             raise AssertionError(link.in_flight())
+    finally:
+        rmtree(d)
+
+
+# ---- LoRa: acks asked for (class A), MTU following the DR, coalescing, urgency ----------
+
+
+def lora_deliver(seed, loss, mtus, limit_ms=3_600_000, window=16):
+    """Epoch 5 (record + 120 objects) and 6 (30) over a LoRa-like radio whose MTU steps
+    through `mtus` [(from_ms, mtu)] (ADR), 1 % duty cycle, to a server that acks only when
+    asked. Returns (link, server, radio, want, ob)."""
+    d = tmpdir("ll")
+    try:
+        ob, want, order = make_outbox(d + "/ob", ((5, 120), (6, 30)))
+        sim = Sim(seed, loss=loss, delay_ms=400)
+        radio = LoraSimRadio("lora", mtus[0][1], sim, duty_cycle=0.01, base_ms=40,
+                             per_byte_us=1600)
+        server = AskingServer()
+        link = Link(ob, radio, FakeOpener(), window=window, rto_ms=1000, rto_max_ms=600_000)
+        sizes = []
+
+        def done():
+            for at, m in mtus:
+                if sim.t >= at:
+                    radio.mtu = m
+            while len(sizes) < len(radio.tx):
+                t, fr = radio.tx[len(sizes)]
+                sizes.append(len(fr))
+            return link.in_flight() == 0 and ob.next_entry(0) is None
+
+        if not sim.run(link, server, limit_ms, done):
+            raise AssertionError("not done: %d of %d %r" % (len(server.delivered), len(want),
+                                                            link.stats))
+        check_delivered(server, want, ob)
+        return link, server, radio, want, ob
+    finally:
+        rmtree(d)
+
+
+def test_lora_acks_only_when_asked_half_window_and_end_of_burst():
+    link, server, radio, want, ob = lora_deliver(11, 0.1, [(0, 222)])
+    asks = [fr for t, fr in radio.tx if fr[0] & 1]
+    if len(asks) != link.stats["ack_requests"] or server.asked == 0:
+        raise AssertionError((len(asks), link.stats))
+    # Only reserved bits clear; every frame header is 0x10 or 0x11.
+    for t, fr in radio.tx:
+        if fr[0] not in (0x10, 0x11):
+            raise AssertionError(fr[0])
+    # New objects per ask: half a window (8) at least, save end-of-burst and retransmissions.
+    n = len(want)
+    if server.acks_sent > n // 8 + link.stats["retransmissions"] + 4:
+        raise AssertionError("too many acks: %d for %d objects %r" % (server.acks_sent, n,
+                                                                      link.stats))
+
+
+def test_lora_lossless_asks_once_per_half_window():
+    link, server, radio, want, ob = lora_deliver(3, 0.0, [(0, 222)], window=16)
+    if link.stats["retransmissions"]:
+        raise AssertionError(link.stats)
+    # 151 objects, an ask every 8 objects sent (or at a burst's end)
+    if not len(want) // 8 - 2 <= server.acks_sent <= len(want) // 8 + 4:
+        raise AssertionError((server.acks_sent, len(want)))
+
+
+def test_lora_mtu_follows_the_radio_between_frames():
+    # ADR: DR5 (222) -> DR0 (51) -> DR3 (115) -> DR5 while the backlog goes out.
+    link, server, radio, want, ob = lora_deliver(5, 0.1, [(0, 222), (60_000, 51),
+                                                          (400_000, 115), (900_000, 222)])
+    seen = set(len(fr) > 115 for t, fr in radio.tx)
+    if link.stats["mtu_changes"] < 3 or seen != {True, False}:
+        raise AssertionError(link.stats)
+    # the Sim checks every frame against the radio's MTU at its time (AssertionError)
+
+
+def test_lora_rto_after_an_asking_frame_from_the_radio():
+    d = tmpdir("ll")
+    try:
+        ob = Outbox(d + "/ob", **CFG)
+        ob.recover()
+        for seq in range(1, 4):
+            ob.append(1, 5, seq, obj(1, 5, seq))
+        sim = Sim()
+        radio = LoraSimRadio("lora", 222, sim, rto_ms=3000, base_ms=50)
+        link = Link(ob, radio, FakeOpener(), window=16, rto_ms=100, rto_max_ms=600_000)
+        f = bytes(link.build_frame(radio, 0))
+        if not f[0] & 1:
+            raise AssertionError("the end of a burst asks for an ack")
+        # the deadline is the radio's (time on air + windows), not rto_ms: no resend before
+        w = link.wakeup_ms(radio, 1)
+        if link.build_frame(radio, 2000) is not None:
+            raise AssertionError("resent before the radio's ack timeout")
+        f2 = link.build_frame(radio, 4000)
+        if f2 is None or not f2[0] & 1 or link.stats["retransmissions"] != 3:
+            raise AssertionError((w, link.stats))
+    finally:
+        rmtree(d)
+
+
+def test_lora_coalescing_waits_but_never_for_an_alarm():
+    d = tmpdir("ll")
+    try:
+        ob = Outbox(d + "/ob", **CFG)
+        ob.recover()
+        sim = Sim()
+        radio = LoraSimRadio("lora", 222, sim)
+        link = Link(ob, radio, FakeOpener(), window=16, rto_ms=1000, rto_max_ms=600_000,
+                    coalesce_ms=5000)
+        ob.append(1, 5, 1, obj(1, 5, 1))
+        if link.build_frame(radio, 0) is not None:
+            raise AssertionError("a lone small record must wait to be coalesced")
+        # the loop listens meanwhile (poll_ms at most), then exactly until the delay is up
+        if link.wakeup_ms(radio, 1000) != link.poll_ms or link.wakeup_ms(radio, 4900) != 100:
+            raise AssertionError((link.wakeup_ms(radio, 1000), link.wakeup_ms(radio, 4900)))
+        ob.append(1, 5, 2, obj(1, 5, 2))
+        if link.build_frame(radio, 4999) is not None:
+            raise AssertionError("sent before the coalescing delay")
+        epoch, entries = parse(bytes(link.build_frame(radio, 5000)))
+        if [e[1] for e in entries] != [1, 2]:
+            raise AssertionError(entries)
+        # Enough to fill a frame: at once.
+        for seq in range(3, 10):
+            ob.append(1, 5, seq, obj(1, 5, seq))
+        f = link.build_frame(radio, 5001)
+        if f is None or len(parse(bytes(f))[1]) < 4:
+            raise AssertionError("a full frame must not wait")
+        rest = link.build_frame(radio, 5002)  # what was left: too little, it waits
+        if rest is not None and len(parse(bytes(rest))[1]) < 1:
+            raise AssertionError(rest)
+        # An alarm: no wait, and it goes first.
+        ob.append(1, 5, 20, obj(1, 5, 20))
+        pos = ob.append(1, 5, 21, obj(1, 5, 21))
+        link.urgent(pos)
+        if link.wakeup_ms(radio, 5003) != 0:
+            raise AssertionError("an alarm waits")
+        epoch, entries = parse(bytes(link.build_frame(radio, 5003)))
+        if entries[0][1] != 21:
+            raise AssertionError("the alarm does not go first: %r" % ([e[1] for e in entries],))
+        if link.stats["urgent"] != 1 or link.stats["coalesced_waits"] < 2:
+            raise AssertionError(link.stats)
     finally:
         rmtree(d)

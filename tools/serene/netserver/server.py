@@ -10,7 +10,9 @@ applications (format: serene/netserver/__init__.py).
   gateway with the best SNR answers; MIC checked with the 32-bit FCnt rebuilt from the 16 on-air
   bits; an FCnt not above the last one is a replay (refused and counted, as is a wrong MIC).
 - Downlinks: one per uplink at most, in RX1 (tmst + RxDelay, uplink frequency, uplink DR) via
-  PULL_RESP to the chosen gateway: the head of the device's queue (command/down), MAC commands
+  PULL_RESP to the chosen gateway, decided ``downlink_delay_ms`` after the uplink event is
+  published (ChirpStack's ``get_downlink_data_delay``, 100 ms by default: the time an
+  application has to enqueue an answer that goes in this uplink's RX1): the head of the device's queue (command/down), MAC commands
   (LinkADRReq from ADR), an ACK for a confirmed uplink, an answer to ADRACKReq.
 - ADR (LoRaMac / ChirpStack-like): over the last ``adr_history`` uplinks, margin = max SNR -
   required SNR of the DR - ``adr_margin_db``; each 3 dB of margin is one DR up (to DR5); a
@@ -103,7 +105,8 @@ class Device:
 class NetworkServer:
     def __init__(self, keys_file, mqtt_host="127.0.0.1", mqtt_port=1883, username=None,
                  password=None, client_id="serene-netserver", host="127.0.0.1", udp_port=0,
-                 dedup_ms=200, adr=True, adr_history=5, adr_margin_db=10.0, clock=None):
+                 dedup_ms=200, adr=True, adr_history=5, adr_margin_db=10.0, clock=None,
+                 downlink_delay_ms=100):
         self.devices = {d["devEui"]: Device(d) for d in keys_mod.load(keys_file)}
         self.by_addr = {}
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -111,6 +114,8 @@ class NetworkServer:
         self.addr = self.sock.getsockname()
         self.gateways = {}  # eui hex -> PULL_DATA source address
         self.dedup_s = dedup_ms / 1000
+        self.downlink_delay_s = downlink_delay_ms / 1000
+        self._answers = []  # [due (monotonic), args of _answer], in due order
         self.adr = adr
         self.adr_history = adr_history
         self.adr_margin_db = adr_margin_db
@@ -200,6 +205,10 @@ class NetworkServer:
                 copies = self._pending.pop(k)[1]
                 with self._lock:
                     self._frame(k, copies)
+            while self._answers and self._answers[0][0] <= time.monotonic():
+                args = self._answers.pop(0)[1]
+                with self._lock:
+                    self._answer(*args)
 
     def _datagram(self, data, addr):
         if len(data) < 4 or data[0] != 2:
@@ -357,7 +366,11 @@ class NetworkServer:
                             "crcStatus": "CRC_OK"} for i, (g, r) in enumerate(copies)],
                 "txInfo": {"frequency": int(round(float(rx["freq"]) * 1e6)),
                            "modulation": {"lora": self._lora(rx["datr"])}}})
-        self._answer(dev, gw, rx, fctrl, phy[0] >> 5 == 4)
+        args = (dev, gw, rx, fctrl, phy[0] >> 5 == 4)
+        if self.downlink_delay_s > 0:
+            self._answers.append((time.monotonic() + self.downlink_delay_s, args))
+        else:
+            self._answer(*args)
 
     def _adr_req(self, dev, fctrl):
         if not (self.adr and fctrl & 0x80) or len(dev.snrs) < self.adr_history:
