@@ -27,7 +27,9 @@ Everything lives under `<home>/broker/` (mode 0700; every file holding a secret 
     devices.passwd     Mosquitto password files, PBKDF2-SHA512 hashes in Mosquitto's own format
     server.passwd      (`user:$7$<iterations>$<salt b64>$<hash b64>`, what mosquitto_passwd -b
                        writes; tests/test_broker.py checks the two agree)
-    devices.acl        device <id>: write serene/<id>/up, read serene/<id>/down, nothing else
+    devices.acl        device <id>: write serene/<id>/up, read serene/<id>/down, nothing else;
+                       a BLE hub (Broker(..., hubs={"hub-1": ["SRN-0001"]})): the same two
+                       topics of each module it serves, nothing else (hub_acl_text)
     server.acl         the server: read serene/+/up and serene/+/down, write serene/+/down
                        (it subscribes $share/serene-<worker>/serene/<id>/up, one per device:
                        serene.server.service)
@@ -155,12 +157,13 @@ def _new_password():
     return secrets.token_urlsafe(24)
 
 
-def ensure_credentials(home, device_ids):
+def ensure_credentials(home, device_ids, hub_ids=()):
     """Load `<home>/broker/credentials.json`, add an account for each new device (and the
-    server), save it, and return it: {"server": {...}, "devices": {id: {...}}}, each account
-    {"username", "password"}. Existing passwords are never changed."""
+    server, and each hub of `hub_ids`), save it, and return it: {"server": {...},
+    "devices": {id: {...}}, "hubs": {id: {...}}}, each account {"username", "password"}.
+    Existing passwords are never changed."""
     ids = list(device_ids)
-    for dev in ids:
+    for dev in ids + list(hub_ids):
         check_device_id(dev)
     d = broker_dir(home)
     private_dir(d)
@@ -183,6 +186,12 @@ def ensure_credentials(home, device_ids):
     for dev in ids:
         if dev not in creds["devices"]:
             creds["devices"][dev] = {"username": dev, "password": _new_password()}
+            changed = True
+    for hub in hub_ids:
+        if hub in creds["devices"]:
+            raise BrokerError("hub id %r is also a device id" % hub)
+        if hub not in creds.setdefault("hubs", {}):
+            creds["hubs"][hub] = {"username": hub, "password": _new_password()}
             changed = True
     if changed or not path.exists():
         _write_private(path, json.dumps(creds, indent=2, sort_keys=True) + "\n")
@@ -238,6 +247,21 @@ def device_acl_text(creds):
         lines += ["user %s" % dev,
                   "topic write %s" % up_topic(dev),
                   "topic read %s" % down_topic(dev), ""]
+    return "\n".join(lines) + "\n"
+
+
+def hub_acl_text(creds, hubs):
+    """Each BLE home hub (serene.hub) of `hubs` ({hub id: [module ids]}): write the uplink
+    topics and read the downlink topics of the modules it serves, nothing else. Hub accounts
+    live on the device listener (client id = account name) but outside "devices": the
+    server does not subscribe a hub's own topics."""
+    lines = ["# BLE home hubs: each relays only for the modules it serves."]
+    for hub in sorted(hubs):
+        lines.append("user %s" % creds["hubs"][hub]["username"])
+        for dev in sorted(hubs[hub]):
+            check_device_id(dev)
+            lines += ["topic write %s" % up_topic(dev), "topic read %s" % down_topic(dev)]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -351,9 +375,11 @@ class Broker:
     """A private Mosquitto for `device_ids` under `<home>/broker/`."""
 
     def __init__(self, home, device_ids, tls=False, port=None, tls_port=None, server_port=None,
-                 plain=None):
+                 plain=None, hubs=None):
         self.home = pathlib.Path(home)
         self.device_ids = list(device_ids)
+        #: BLE home hubs: {hub id: [module ids it serves]} (accounts: hub_credentials()).
+        self.hubs = {h: list(m) for h, m in (hubs or {}).items()}
         self.dir = broker_dir(home)
         self.tls = tls
         #: A plain device listener: always without TLS; with TLS only when asked for.
@@ -375,6 +401,15 @@ class Broker:
         except KeyError:
             raise BrokerError("no broker account for device %r" % device_id) from None
 
+    def hub_credentials(self, hub_id):
+        """A BLE home hub's account (device listener; its ACL: hub_acl_text)."""
+        if self.creds is None or hub_id not in self.creds.get("hubs", {}):
+            self.creds = ensure_credentials(self.home, self.device_ids, self.hubs)
+        try:
+            return dict(self.creds["hubs"][hub_id])
+        except KeyError:
+            raise BrokerError("no broker account for hub %r" % hub_id) from None
+
     def server_credentials(self):
         """The server's account: it authenticates on `server_port` only."""
         if self.creds is None:
@@ -395,13 +430,16 @@ class Broker:
     # --- life cycle ---------------------------------------------------------------------
 
     def write_config(self):
-        self.creds = ensure_credentials(self.home, self.device_ids)
+        self.creds = ensure_credentials(self.home, self.device_ids, self.hubs)
         d = self.dir
         files = {}
-        for name, text in (("devices.passwd", password_file_text(_device_accounts(self.creds))),
+        hub_accounts = [self.creds["hubs"][h] for h in sorted(self.hubs)]
+        for name, text in (("devices.passwd", password_file_text(_device_accounts(self.creds)
+                                                                 + hub_accounts)),
                            ("server.passwd", password_file_text([self.creds["server"],
                                                                 self.creds["netserver"]])),
-                           ("devices.acl", device_acl_text(self.creds)),
+                           ("devices.acl", device_acl_text(self.creds)
+                            + (hub_acl_text(self.creds, self.hubs) if self.hubs else "")),
                            ("server.acl", server_acl_text(self.creds))):
             files[name] = d / name
             _write_private(files[name], text)
