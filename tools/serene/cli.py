@@ -10,6 +10,7 @@
     serene webapp      serve the clinicians' and operators' web application
     serene users       accounts of the web application (`users add` makes the first admin)
     serene screenshots screenshots of the web application (triage list, patient page; en, fr)
+    serene hub         BLE home hub: relay modules' GATT service to the broker and back
 
 Each command is one row of COMMANDS: its module provides `add_arguments(parser)` and
 `run(args)`. Errors meant for the user are raised as CliError and printed as `serene: message`.
@@ -36,6 +37,7 @@ COMMANDS = {
     "webapp": ("webapp.cmd_webapp", "serve the clinicians' and operators' web application"),
     "users": ("webapp.cmd_users", "accounts of the web application (users add, users list)"),
     "screenshots": ("webapp.cmd_screenshots", "screenshots of the web application (en, fr)"),
+    "hub": ("hub.cli", "BLE home hub: relay modules' GATT service to the broker and back"),
 }
 
 
