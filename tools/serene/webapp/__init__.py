@@ -1,7 +1,7 @@
 """The clinicians' and operators' web application (issue 11).
 
     create_app(home, db_url=None, **config) -> a Flask app on the ingest's database
-    serene webapp --home DIR [--port P] [--host H --tls-cert C --tls-key K]
+    serene webapp --home DIR [--port P] [--host H --trusted-proxy A --public-host N]
     serene users add --home DIR --role admin --username U [--password-file F]
 
 Flask 3 (server-rendered Jinja2, autoescaping on), Flask-Login sessions with a server-side
@@ -72,6 +72,7 @@ def create_app(home, db_url=None, **config):
         BABEL_DEFAULT_TIMEZONE="Europe/Paris",
         BABEL_TRANSLATION_DIRECTORIES=str(HERE / "translations"),
         ALLOWED_HOSTS=None,  # set by the server: the addresses it serves
+        REQUIRE_HTTPS=False,  # set by the server behind a TLS-terminating proxy
         AGE_WARNING_S=15 * 60,
         AGE_URGENT_S=30 * 60,
         LIVE_POLL_MS=5000,
@@ -90,8 +91,14 @@ def create_app(home, db_url=None, **config):
     @app.before_request
     def _guard():
         allowed = app.config["ALLOWED_HOSTS"]
-        if allowed is not None and request.host not in allowed:
-            abort(421)
+        if allowed is not None:
+            host = request.environ.get("HTTP_HOST", "")
+            if not host or "," in host:  # none, or two (joined by the server)
+                abort(400)
+            if host.lower() not in allowed:
+                abort(421)
+        if app.config["REQUIRE_HTTPS"] and request.scheme != "https":
+            abort(403)  # behind the proxy: only what reached it over TLS (webapp/server.py)
         view = app.view_functions.get(request.endpoint)
         if request.endpoint == "static" or getattr(view, "_public", False):
             return None
@@ -113,7 +120,9 @@ def create_app(home, db_url=None, **config):
         h["Content-Security-Policy"] = CSP
         h["X-Content-Type-Options"] = "nosniff"
         h["X-Frame-Options"] = "DENY"
-        h["Referrer-Policy"] = "no-referrer"
+        # Same-origin only: Flask-WTF refuses a POST over HTTPS without a same-origin
+        # Referer (WTF_CSRF_SSL_STRICT), and nothing leaks to other sites.
+        h["Referrer-Policy"] = "same-origin"
         h["Cross-Origin-Opener-Policy"] = "same-origin"
         if request.endpoint != "static":
             # health data and account pages stay out of every cache

@@ -3,7 +3,7 @@
     serene users add --home DIR --role admin|clinician|technician --username U
                      [--password-file F] [--full-name N] [--language en|fr]
     serene users list --home DIR
-    serene webapp --home DIR [--port P] [--host H --tls-cert C --tls-key K]
+    serene webapp --home DIR [--port P] [--host H --trusted-proxy A --public-host N]
     serene screenshots --home DIR --out DIR
 
 `users add` creates an account in the application's tables of DIR's database (the first
@@ -79,9 +79,13 @@ def add_webapp_arguments(p):
     p.add_argument("--home", required=True, help="the server's provisioning home")
     p.add_argument("--port", type=int, default=8080, help="TCP port (0: a free one)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (anything but loopback needs --tls-cert/--tls-key)")
-    p.add_argument("--tls-cert", help="PEM certificate (chain) for HTTPS")
-    p.add_argument("--tls-key", help="PEM private key for HTTPS")
+                   help="address to bind (anything but loopback needs --trusted-proxy)")
+    p.add_argument("--trusted-proxy", metavar="ADDRESS",
+                   help="the TLS-terminating reverse proxy in front (README): X-Forwarded-Proto"
+                        "/-For trusted from this address only, plain requests refused, "
+                        "cookies Secure")
+    p.add_argument("--public-host", action="append", default=[], metavar="NAME",
+                   help="with --trusted-proxy: a Host the proxy serves (repeatable)")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: Ctrl-C)")
 
 
@@ -91,16 +95,16 @@ def run_webapp(args):
 
     from .server import AppServer
 
-    tls = None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise CliError("--tls-cert and --tls-key go together")
-    if args.tls_cert:
-        tls = (args.tls_cert, args.tls_key)
+    if args.public_host and not args.trusted_proxy:
+        raise CliError("--public-host goes with --trusted-proxy")
     try:
-        srv = AppServer(args.home, args.port, args.host, tls).start()
+        srv = AppServer(args.home, args.port, args.host, trusted_proxy=args.trusted_proxy,
+                        public_hosts=args.public_host).start()
     except (ValueError, OSError) as e:
         raise CliError(str(e)) from None
-    print("serene webapp: %s" % srv.url, flush=True)
+    print("serene webapp: %s%s" % (srv.url, " (through the proxy; listening on %s:%d)"
+                                   % (args.host, srv.port) if args.trusted_proxy else ""),
+          flush=True)
     stop = threading.Event()
     try:
         deadline = time.monotonic() + args.duration if args.duration else None
