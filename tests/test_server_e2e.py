@@ -212,58 +212,150 @@ def test_audit_proves_the_database_at_rest_and_finds_tampering(tmp_path):
 
 
 def test_web_view_serves_the_ledger_and_escapes_module_data(tmp_path, procs):
+    """`serene server --http` serves the clinicians' application: accounts made with `serene
+    users add`, a patient set up by the administrator over HTTP (second factor included);
+    the technician's pages show the ledger `serene report` shows, the clinician's patient page
+    shows the module's markup as text, and nobody logged out reads any of it."""
+    import html
+    import http.cookiejar
     import re
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     import cbor2
+    import pyotp
 
     home = tmp_path / "home"
     provision_fake(home, [DEV, DEV2])
+    pw = tmp_path / "pw"
+    pw.write_text("a long enough password\n")
+    uri = None
+    for role, user in (("technician", "tech"), ("clinician", "nurse"), ("admin", "root")):
+        out = serene("users", "add", "--home", str(home), "--role", role, "--username", user,
+                     "--password-file", str(pw)).stdout
+        assert "%s added" % user in out
+        if role == "admin":
+            uri = re.search(r"otpauth://\S+", out).group(0)
     p = subprocess.Popen(SERENE + ["server", "--home", str(home), "--http", "0", "--duration",
-                                   "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   "90"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     procs.append(p)
     line = p.stdout.readline()
     url = re.search(r"web view (http://127\.0\.0\.1:\d+/)", line).group(1)
     info = json.loads((home / "broker" / "broker.json").read_text())
     m = FakeModule(home, DEV)
+    evil_text = "<script>alert(1)</script>"
     with device_probe(home, info) as dev:
         dev.publish("serene/%s/up" % DEV, m.frame((K_EPOCH, 0, m.new_epoch())))
         dev.get(10)
         # A log record whose text is markup: shown as text, never as HTML.
-        evil = m.seal(1, cbor2.dumps({0: 5, 1: 1, -3: 7, 16: "<script>alert(1)</script>"}))
+        evil = m.seal(1, cbor2.dumps({0: 5, 1: 1, -3: int(time.time()) - 60, 16: evil_text,
+                                      17: 1}))
         dev.publish("serene/%s/up" % DEV, m.frame((K_RECORD, 1, evil), (K_RECORD, 3,
                                                                           m.record(3))))
         dev.get(10)
 
-    def get(path):
-        with urllib.request.urlopen(url + path.lstrip("/"), timeout=10) as r:
-            return r.status, r.headers["Content-Type"], r.read().decode()
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **kw):
+            return None  # a 302 is an answer to look at
 
-    status, ctype, body = get("/ledger.json")
-    assert status == 200 and ctype.startswith("application/json")
-    web = json.loads(body)["devices"]
+    class Browser:
+        def __init__(self):
+            self.open = urllib.request.build_opener(
+                urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
+                NoRedirect).open
+
+        def get(self, path, form=None):
+            data = urllib.parse.urlencode(form).encode() if form is not None else None
+            try:
+                with self.open(url + path.lstrip("/"), data, timeout=10) as r:
+                    return r.status, r.headers, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, e.read().decode()
+
+        def post(self, path, form, token_from):
+            tok = re.search(r'name="csrf_token" value="([^"]+)"',
+                            self.get(token_from)[2]).group(1)
+            return self.get(path, dict(form, csrf_token=tok))
+
+        def login(self, user):
+            status, headers, _ = self.post("/login", {"username": user,
+                                                      "password": pw.read_text().strip()},
+                                           "/login")
+            assert status == 302, (user, status)
+            return headers["Location"]
+
+    # The administrator (password, then TOTP) creates the patient, assigns the module from
+    # 2000 on and puts the clinician in the care team.
+    admin = Browser()
+    assert admin.login("root").endswith("/login/totp")
+    assert admin.post("/login/totp", {"code": pyotp.parse_uri(uri).now()},
+                      "/login/totp")[0] == 302
+    status, _, page = admin.post("/admin/patients", {"mrn": "MRN-1",
+                                                     "display_name": "Jeanne Test"},
+                                 "/admin/patients")
+    assert status == 200
+    pid = int(re.search(r'href="/admin/patients/(\d+)"', page).group(1))
+    page = admin.get("/admin/patients/%d" % pid)[2]
+    nurse_id = re.search(r'<option value="(\d+)">nurse</option>', page).group(1)
+    for action, form in (("assign-device", {"device": DEV, "valid_from": "2000-01-01T00:00"}),
+                         ("add-clinician", {"user_id": nurse_id})):
+        assert admin.post("/admin/patients/%d/%s" % (pid, action), form,
+                          "/admin/patients/%d" % pid)[0] == 302, action
+
     report = json.loads(serene("report", "--home", str(home), "--json").stdout)["devices"]
-    for d in (web, report):
-        for led in d.values():
-            led.pop("recent_rejects")
-    assert web == report and web[DEV]["epochs"][0]["gaps"] == [[2, 2]]
-    status, ctype, page = get("/")
-    assert ctype.startswith("text/html") and DEV in page and DEV2 in page
-    assert "nothing received" in page and "incomplete" in page
-    status, _, page = get("/devices/%s" % DEV)
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
-    status, _, body = get("/devices/%s.json" % DEV)
-    recs = json.loads(body)["records"]
-    assert [r["seq"] for r in recs] == [1, 3]
-    assert recs[0]["fields"]["text"] == "<script>alert(1)</script>"
-    for bad in ("/devices/SRN-9999", "/devices/..%2f..%2fetc", "/nothing"):
-        try:
-            get(bad)
-            raise AssertionError("served " + bad)
-        except urllib.error.HTTPError as e:
-            assert e.code == 404
+    assert report[DEV]["epochs"][0]["gaps"] == [[2, 2]] and report[DEV2]["objects"] == 0
+
+    # The technician: the modules list and the module's ledger say what the report says.
+    tech = Browser()
+    assert tech.login("tech") == "/"
+    status, headers, page = tech.get("/devices")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert headers["Cache-Control"] == "no-store"
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", page, re.S):
+        cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+                 for c in re.findall(r"<td>(.*?)</td>", row, re.S)]
+        if cells:
+            rows[cells[0]] = cells
+    assert set(rows) == {DEV, DEV2}
+    for d, badge in ((DEV, "gaps"), (DEV2, "nothing received")):
+        led = report[d]
+        assert rows[d][1] == "yes"  # registered
+        assert rows[d][3:7] == [str(led[k]) for k in ("objects", "missing", "duplicates",
+                                                       "rejected")], (d, rows[d])
+        assert rows[d][8] == badge
+    assert rows[DEV][2] == "yes" and rows[DEV2][2] == "no"  # assigned to a patient
+    status, _, page = tech.get("/devices/%s" % DEV)
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page))
+    led = report[DEV]
+    assert "%d objects stored, %d missing, %d duplicates, %d rejected." % (
+        led["objects"], led["missing"], led["duplicates"], led["rejected"]) in text
+    gaps = [[int(a), int(b)] for a, b in re.findall(r"seq (\d+)–(\d+):", text)]
+    assert gaps == led["epochs"][0]["gaps"] == [[2, 2]]
+    assert evil_text not in page  # no clinical data (nor the log) for a technician
+    assert tech.get("/patients/%d" % pid)[0] == 403
+
+    # The clinician: the module's markup is shown as text on the patient page.
+    nurse = Browser()
+    assert nurse.login("nurse") == "/"
+    status, _, page = nurse.get("/patients/%d" % pid)
+    assert status == 200 and "Jeanne Test" in page
+    assert html.escape(evil_text, quote=False) in page and "<script>alert" not in page
+    assert nurse.get("/devices")[0] == 403
+
+    # Nobody logged in: sent to the login page, or 401 for JSON; never the data.
+    anon = Browser()
+    for path in ("/devices", "/devices/%s" % DEV, "/patients/%d" % pid, "/triage", "/"):
+        status, headers, body = anon.get(path)
+        assert status == 302 and headers["Location"].startswith("/login"), path
+        assert "objects stored" not in body and "Jeanne" not in body
+    for path in ("/triage.json", "/patients/%d/live.json" % pid):
+        assert anon.get(path)[0] == 401, path
+    assert tech.get("/devices/SRN-9999")[0] == 404
+    for bad in ("/devices/..%2f..%2fetc", "/nothing"):
+        assert tech.get(bad)[0] == 403, bad  # no view matches: refused (deny by default)
     stop(p)
 
 
