@@ -67,12 +67,15 @@ class Recorder:
         async with self._lock:
             return await fn()
 
-    async def emit(self, kind, build, *args):
-        """build(seq, t, *args) -> memoryview: one of RecordEncoder's methods."""
+    async def emit(self, kind, build, *args, urgent=False):
+        """build(seq, t, *args) -> memoryview: one of RecordEncoder's methods. urgent: the
+        record is an alarm, the sink (if it can) tells the link (firmware/link.py urgent)."""
         async with self._lock:
             seq = self.sink.next_seq()
             cbor = build(seq, int(self.clock()), *args)
             await self.sink.put(kind, seq, cbor)
+            if urgent and hasattr(self.sink, "urgent"):
+                self.sink.urgent()
             self.health.count(H.RECORDS)
         return seq
 
@@ -184,7 +187,9 @@ class App:
             if ev.kind == api.EV_PUMP:
                 self.health.count(H.PUMP_EVENTS)
                 _log.info("pump event %s", ev.values)
-                await self.rec.emit(record.KIND_PUMP_EVENT, self.rec.enc.pump_event, ev.values)
+                alarms = ev.values.get("a", 0)  # var a: the alarm bitmask
+                await self.rec.emit(record.KIND_PUMP_EVENT, self.rec.enc.pump_event, ev.values,
+                                    urgent=isinstance(alarms, int) and alarms > 0)
             else:
                 self.health.count(H.LINK_CONDITIONS)
                 if ev.code == api.COND_RECONNECTED:
@@ -339,7 +344,11 @@ def build(cfg):
     # Once everything is imported, what the heap holds is code (loaded from .mpy into RAM on
     # the unix port; in flash when frozen on the board): that is MEM_CODE.
     if cfg["identity"]:
-        import drivers.radio.ltem  # noqa: F401 - imported now so MEM_CODE counts it
+        if cfg["radio"] == "lora":
+            import drivers.lorawan.device  # noqa: F401
+            import drivers.radio.lora  # noqa: F401
+        else:
+            import drivers.radio.ltem  # noqa: F401 - imported now so MEM_CODE counts it
         import drivers.stsafe  # noqa: F401
         import firmware.delivery  # noqa: F401
     gc.collect()
@@ -354,8 +363,43 @@ def build(cfg):
     return App(cfg, pump, pump_api, delivery, board.watchdog(cfg), health=health)
 
 
+class _SeKeys:
+    """The LoRaWAN MAC's key hooks on the secure element's local envelope (Wrap / Unwrap
+    Local Envelope): the AppKey is unwrapped into RAM for each join (appkey), the session
+    keys are stored wrapped (wrap / unwrap: the session survives a reboot)."""
+
+    def __init__(self, se, slot, appkey_envelope):
+        self.se = se
+        self.slot = slot
+        self.env = appkey_envelope
+
+    async def appkey(self):
+        return await self.se.unwrap(self.slot, self.env)
+
+    async def wrap(self, data):
+        return await self.se.wrap(self.slot, data)
+
+    async def unwrap(self, data):
+        return await self.se.unwrap(self.slot, data)
+
+
+def _lora_radio(cfg, board, ident, se, data_dir):
+    from drivers.lorawan.device import Device
+    from drivers.lorawan.store import DirStore
+    from drivers.radio.lora import LoraRadio
+
+    if ident.lorawan is None:
+        raise ValueError("radio lora: the identity file has no lorawan keys (serene provision)")
+    dev_eui, join_eui, env = ident.lorawan
+    keys = _SeKeys(se, ident.envelope_key_slot, env)
+    margin = cfg["lora_rx_margin_ms"] or board.lora_rx_margin_ms()
+    device = Device(board.lora_modem(cfg), DirStore(data_dir + "/lorawan"), dev_eui, join_eui,
+                    keys.appkey, key_wrapper=keys, join_dr=cfg["lora_dr"], adr=cfg["lora_adr"],
+                    rx_margin_ms=margin)
+    return LoraRadio(device)
+
+
 def _build_delivery(cfg, board, health, data_dir):
-    from drivers.radio.ltem import LtemRadio
     from drivers.stsafe import STSAFE
     from firmware import identity
     from firmware.delivery import Delivery
@@ -363,6 +407,11 @@ def _build_delivery(cfg, board, health, data_dir):
     ident = identity.load(cfg["identity"])
     se = STSAFE(board.open_se_bus(cfg), addr=ident.i2c_address,
                 host_mac_key=ident.host_mac_key, host_cipher_key=ident.host_cipher_key)
+    if cfg["radio"] == "lora":
+        return Delivery(cfg, ident, se, _lora_radio(cfg, board, ident, se, data_dir), health,
+                        data_dir)
+    from drivers.radio.ltem import LtemRadio
+
     pin = None
     if cfg["mqtt_tls_pin"]:
         with open(cfg["mqtt_tls_pin"], "rb") as f:

@@ -47,6 +47,17 @@ DEFAULTS = {
     "mqtt_plain": False,
     "modem_uart": 3,  # stm32: the LTE-M modem's UART
     "modem_apn": "",  # stm32: the operator's APN
+    # radio choice: "ltem" (above) or "lora" (LoRaWAN 1.0.4 class A EU868, drivers/radio/lora.py
+    # over drivers/lorawan; the keys from the identity file's "lorawan" entry)
+    "radio": "ltem",
+    "lora_dr": 5,  # DR of the first join-request (and of the uplinks until ADR moves it)
+    "lora_adr": True,
+    "lora_medium_port": 0,  # unix: the RF medium simulator's UDP port on 127.0.0.1
+    "lora_link_window": 32,  # objects in flight: an ack asked for every 16 (half)
+    "lora_coalesce_ms": 30000,  # a small record waits at most this long for others to share
+    # its frame (never an alarm)
+    "lora_rx_margin_ms": 0,  # receive window margin; 0 = the board's (unix 60, stm32 20)
+    "lora_modem_chip": "stm32wl5",  # stm32: "stm32wl5" (STM32WL55) or "sx1262" (shield)
 }
 
 
@@ -89,7 +100,11 @@ def check(cfg):
     """Rules between keys. A non-loopback broker without a pinned certificate is refused
     (ConfigError naming mqtt_tls_pin) unless mqtt_plain is true: the firmware never falls
     back to plain TCP over a network by default."""
-    if cfg["identity"] and not cfg["mqtt_tls_pin"] and not cfg["mqtt_plain"] \
+    if cfg["radio"] not in ("ltem", "lora"):
+        raise ConfigError("radio", "ltem or lora, not %r" % cfg["radio"])
+    if not 0 <= cfg["lora_dr"] <= 5:
+        raise ConfigError("lora_dr", "EU868 DR0-DR5")
+    if cfg["radio"] == "ltem" and cfg["identity"] and not cfg["mqtt_tls_pin"] and not cfg["mqtt_plain"] \
             and not is_loopback(cfg["mqtt_host"]):
         raise ConfigError("mqtt_tls_pin", "required for broker %s (TLS with the pinned "
                           "certificate), or set mqtt_plain to true explicitly"

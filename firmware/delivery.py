@@ -57,6 +57,7 @@ class Delivery:
         self.sink = SealingSink(se, ident, self.outbox, health, data_dir,
                                 cfg["checkpoint_every_n"], cfg["checkpoint_every_s"] * 1000)
         self.sink.on_epoch = self._new_epoch
+        self.sink.on_urgent = self._urgent
         self.acks = EpochAcks()
         self.keys = AckKeyStore(se, ident.envelope_key_slot, data_dir + "/keys")
         self._device_id = ident.device_id.encode()
@@ -81,8 +82,10 @@ class Delivery:
                            backoff)
                 await asyncio.sleep_ms(backoff)
                 backoff = min(backoff * 2, _START_RETRY_MAX_MS)
+        lora = getattr(self.radio, "asks_acks", False)
         self.link = Link(self.outbox, [self.radio], Cum2Acks(self.acks),
-                         window=self.cfg["link_window"])
+                         window=self.cfg["lora_link_window" if lora else "link_window"],
+                         coalesce_ms=self.cfg["lora_coalesce_ms"] if lora else 0)
         self._announce()
         return ep
 
@@ -137,6 +140,10 @@ class Delivery:
             _log.error("ack key of epoch %d not wrapped: %s %s", ep.number, e.reason, e.cause)
         self.acks.add(ep.acks)
 
+    def _urgent(self, pos):
+        if self.link is not None:
+            self.link.urgent(pos)
+
     def _announce(self):
         if self.sink.epoch_pos >= 0:
             self.link.announce(self.sink.epoch_pos)
@@ -180,6 +187,8 @@ class Delivery:
                 out["link_" + k] = v
         for k, v in self.radio.stats.items():
             out["radio_" + k] = v
+        if hasattr(self.radio, "report"):
+            out.update(self.radio.report())
         if self.sink.ep is not None:
             out["epoch"] = self.sink.ep.number
             out["acks_rejected"] = self.acks.rejected()

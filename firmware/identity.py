@@ -38,6 +38,14 @@ class Identity:
         self.envelope_key_slot = 0
         if "envelope_key_slot" in zones:
             self.envelope_key_slot = _int(zones, "envelope_key_slot")
+        # LoRaWAN OTAA (radio "lora"): DevEUI, JoinEUI, and the AppKey as an envelope of the
+        # secure element's local envelope key (never in clear here); None without it.
+        self.lorawan = None
+        lw = data.get("lorawan")
+        if lw is not None:
+            lw = _dict(data, "lorawan")
+            env = _hex(lw, "appkey_envelope", 24)
+            self.lorawan = (_hex(lw, "dev_eui", 8), _hex(lw, "join_eui", 8), env)
 
 
 def load(path):
@@ -72,6 +80,16 @@ def _int(d, k):
     v = d.get(k)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise IdentityError(k, "not a non-negative integer")
+    return v
+
+
+def _hex(d, k, n):
+    try:
+        v = unhexlify(_str(d, k))
+    except ValueError:
+        raise IdentityError(k, "not hex")
+    if len(v) != n:
+        raise IdentityError(k, "not %d bytes" % n)
     return v
 
 

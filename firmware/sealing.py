@@ -83,6 +83,8 @@ class SealingSink:
         self.ep = None
         self.cp = None
         self.on_epoch = None  # async fn(ep): called before the epoch's first object is stored
+        self.on_urgent = None  # fn(pos): the record just stored at pos is urgent (an alarm)
+        self._last_pos = -1  # outbox position of the last record stored by put()
         self.closed_end = None  # (epoch, end_seq, end_hash) of the last closed epoch
         self._booted = False
         self._pin_pos = 0  # outbox position of the pinned signed object
@@ -286,7 +288,9 @@ class SealingSink:
     async def put(self, kind, seq, cbor_rec):
         n = self.ep.sealer.seal(seq, cbor_rec, self._out)
         sealed = memoryview(self._out)[:n]
-        if self._store(KIND_RECORD, self.ep.number, seq, sealed, record.KIND_NAMES[kind]) >= 0:
+        pos = self._store(KIND_RECORD, self.ep.number, seq, sealed, record.KIND_NAMES[kind])
+        self._last_pos = pos
+        if pos >= 0:
             self.cp.add(seq, sealed)
             if self.cp.due():
                 await self._checkpoint()
@@ -296,6 +300,12 @@ class SealingSink:
             # The outbox is full and the pin holds everything since the last checkpoint,
             # acked or not: a checkpoint now lets what is acked be reclaimed.
             await self._checkpoint()
+
+    def urgent(self):
+        """The record put() just stored is urgent (a pump alarm): the link hears of it (no
+        coalescing delay, sent before the backlog where the radio asks for acks)."""
+        if self.on_urgent is not None and self._last_pos >= 0:
+            self.on_urgent(self._last_pos)
 
     async def _checkpoint(self):
         """Sign and store a checkpoint over the open interval (0 objects or more). True if it

@@ -131,7 +131,7 @@ def test_more_devices_later_and_resume(tmp_path):
         "SRN-0002": "created",
     }
     for rel, v in first.items():
-        if rel != "registry.json":
+        if rel not in ("registry.json", "netserver/keys.json"):  # the two shared lists grow
             assert snapshot(tmp_path)[rel] == v
     # the registry lost: rebuilt from the devices, same certificates
     reg = (tmp_path / "registry.json").read_bytes()
@@ -210,3 +210,37 @@ def test_server_static_key_agrees_with_module_ecdh(home):
     assert module_eph.exchange(ec.ECDH(), pinned_key) == server_key.exchange(
         ec.ECDH(), module_eph.public_key()
     )
+
+
+def test_lorawan_keys_appkey_only_wrapped_on_the_module(home):
+    from serene.netserver import keys as ns_keys
+    from serene.stsafe.host import StsafeHost
+    from serene.stsafe.provision import netserver_keys_path
+
+    kpath = netserver_keys_path(home)
+    assert os.stat(kpath).st_mode & 0o777 == 0o600
+    assert os.stat(kpath.parent).st_mode & 0o777 == 0o700
+    keys = {d["deviceName"]: d for d in ns_keys.load(kpath)}
+    reg = json.loads((home / "registry.json").read_text())
+    euis = set()
+    for dev in IDS:
+        cfg = json.loads((home / "devices" / dev / "module.json").read_text())
+        lw = cfg["lorawan"]
+        assert set(lw) == {"dev_eui", "join_eui", "appkey_envelope"}
+        assert reg["devices"][dev]["dev_eui"] == lw["dev_eui"] == keys[dev]["devEui"]
+        assert keys[dev]["joinEui"] == lw["join_eui"]
+        app_key = bytes.fromhex(keys[dev]["appKey"])
+        # the module holds the AppKey only as the chip's envelope: 16 + 8 bytes, and the
+        # chip (with the host keys) unwraps it to the network server's key
+        env = bytes.fromhex(lw["appkey_envelope"])
+        assert len(env) == 24 and app_key.hex() not in json.dumps(cfg)
+        emu = StsafeEmulator.load(home / "devices" / dev / "stsafe.json", time_scale=0)
+        host = StsafeHost(emu, bytes.fromhex(cfg["host_mac_key"]),
+                          bytes.fromhex(cfg["host_cipher_key"]))
+        assert host.unwrap(profile.ENVELOPE_KEY_SLOT, env) == app_key
+        euis.add(lw["dev_eui"])
+    assert len(euis) == len(IDS)
+    # The keys file lost: the next run gives it back from the envelopes, same keys.
+    kpath.unlink()
+    provision(home, IDS)
+    assert {d["deviceName"]: d for d in ns_keys.load(kpath)} == keys

@@ -50,3 +50,25 @@ def modem_netif(cfg):
 
     uart = machine.UART(cfg["modem_uart"], 115200, timeout=0, rxbuf=_UART_RXBUF)
     return ModemPpp(uart, cfg["modem_apn"], network.PPP)
+
+
+# LoRa modem (radio "lora"): micropython-lib's async modems (mip install lora-async plus
+# lora-stm32wl5 or lora-sx126x). lora_modem_chip "stm32wl5": the STM32WL55's sub-GHz radio
+# (AsyncWLE5, SPI internal to the SoC); "sx1262": an SX1262MB2xAS shield on the Arduino header
+# (SPI1, NSS D7/PA8, BUSY D3/PB3, DIO1 D5/PB4, RESET A0/PA0, DIO2 drives the RF switch, no
+# TCXO on the xAS). Written against the drivers' documented constructors; not run here.
+def lora_modem(cfg):
+    if cfg["lora_modem_chip"] == "stm32wl5":
+        from lora import AsyncWLE5
+
+        return AsyncWLE5()
+    from lora import AsyncSX1262
+
+    spi = machine.SPI(1, baudrate=8_000_000)
+    return AsyncSX1262(spi, machine.Pin("PA8", machine.Pin.OUT), busy=machine.Pin("PB3"),
+                       dio1=machine.Pin("PB4"), reset=machine.Pin("PA0"),
+                       dio2_rf_sw=True)
+
+
+def lora_rx_margin_ms():
+    return 20  # crystal-driven RTC; LoRaMac-node's system max rx error is 10 ms

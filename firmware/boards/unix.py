@@ -39,5 +39,16 @@ def watchdog(cfg):
     return None
 
 
+def lora_modem(cfg):
+    # The RF medium simulator (tools/serene/lora/medium.py) on loopback, over UDP.
+    from drivers.unix.lora_udp import UdpModem
+
+    return UdpModem("127.0.0.1", cfg["lora_medium_port"])
+
+
+def lora_rx_margin_ms():
+    return 60  # a process's scheduling noise (drivers/lorawan/device.py)
+
+
 def modem_netif(cfg):
     return None  # the host's own network reaches the broker

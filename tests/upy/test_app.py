@@ -215,3 +215,60 @@ def test_plain_tcp_to_a_non_loopback_broker_is_refused_unless_explicit():
         assert e.key == "mqtt_plain"
     else:
         raise AssertionError("a non-boolean mqtt_plain accepted")
+
+
+def test_radio_choice_and_lora_keys_in_the_identity():
+    from firmware import identity
+
+    assert config.DEFAULTS["radio"] == "ltem" and config.DEFAULTS["lora_dr"] == 5
+    cfg = config.load(overrides={"radio": "lora", "lora_dr": 0, "identity": "module.json",
+                                 "mqtt_host": "10.0.0.5"})  # no MQTT broker on LoRa
+    assert cfg["radio"] == "lora" and cfg["lora_dr"] == 0
+    for kw, key in (({"radio": "wifi"}, "radio"), ({"lora_dr": 6}, "lora_dr"),
+                    ({"lora_dr": -1}, "lora_dr"), ({"radio": 1}, "radio")):
+        try:
+            config.load(overrides=kw)
+        except config.ConfigError as e:
+            assert e.key == key, (kw, e.key)
+        else:
+            raise AssertionError("accepted %r" % kw)
+    base = {"format": identity.FORMAT, "device_id": "SRN-0001", "i2c_address": 32,
+            "host_mac_key": "00" * 16, "host_cipher_key": "11" * 16,
+            "zones": {"certificate": {"zone": 0}, "factory_key_slot": 0,
+                      "server_key": {"zone": 5, "offset": 0, "length": 65},
+                      "epoch_counter": {"zone": 6}}}
+    assert identity.Identity(base).lorawan is None
+    base["lorawan"] = {"dev_eui": "0004a30b001c0530", "join_eui": "70b3d57ed0000000",
+                       "appkey_envelope": "ab" * 24}
+    dev, join, env = identity.Identity(base).lorawan
+    assert dev == bytes.fromhex("0004a30b001c0530") and len(join) == 8 and env == b"\xab" * 24
+    base["lorawan"]["appkey_envelope"] = "ab" * 16  # a plain 16-byte key is not an envelope
+    try:
+        identity.Identity(base)
+    except identity.IdentityError as e:
+        assert e.field == "appkey_envelope"
+    else:
+        raise AssertionError("a 16-byte appkey accepted")
+
+
+async def test_an_alarm_tells_the_sink_it_is_urgent_other_events_do_not():
+    class UrgentSink(CaptureSink):
+        def __init__(self):
+            super().__init__()
+            self.urgent_after = []
+
+        def urgent(self):  # firmware/sealing.py SealingSink.urgent: the link is told
+            self.urgent_after.append(self.records[-1][0])
+
+    pump = FakePump([RUNNING])
+    a, _ = make(pump, poll_period_ms=60_000)
+    sink = a.rec.sink = UrgentSink()
+    t = asyncio.create_task(a.run())
+    await asyncio.sleep_ms(50)
+    pump.push(api.PumpEvent(api.EV_PUMP, 0, {"u": 2}, 0))  # a state change: not urgent
+    pump.push(api.PumpEvent(api.EV_PUMP, 0, {"a": 0, "u": 2}, 0))  # alarm cleared: not urgent
+    pump.push(api.PumpEvent(api.EV_PUMP, 0, {"a": 1, "u": 6}, 0))  # occlusion: urgent
+    await asyncio.sleep_ms(30)
+    t.cancel()
+    assert sink.urgent_after == [record.KIND_PUMP_EVENT], sink.urgent_after
+    assert len([r for r in sink.records if r[0] == record.KIND_PUMP_EVENT]) == 3

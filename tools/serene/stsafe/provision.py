@@ -14,7 +14,11 @@ Layout under DIR (docs/stsafe.md explains each choice):
                              cipher keys (the MCU's half of the pairing), zone map
     registry.json            device id -> certificate, public key, I2C address and
                              first_epoch (the first epoch the module will announce), for the
-                             server
+                             server; dev_eui (LoRaWAN DevEUI: the LoRaWAN intake's map)
+    netserver/keys.json      LoRaWAN OTAA keys of every module for the network server's join
+                             server (serene.netserver.keys; 0600 in a 0700 directory)
+    module.json "lorawan"    {"dev_eui", "join_eui", "appkey_envelope"}: the AppKey wrapped
+                             by the chip's local envelope key (never in clear on the module)
 
 Per module, through the chip's own command interface (as a provisioning station would):
 Put Attribute host keys -> Generate Key in slot 0 (inside the chip) -> device certificate
@@ -302,6 +306,8 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
             bytes.fromhex(cfg["host_cipher_key"]),
         )
         want = _module_config(device_id, mac_key, cipher_key)
+        if "lorawan" in cfg:
+            want["lorawan"] = cfg["lorawan"]  # step 8's, kept
         if cfg != want:  # a newer zone map: rewrite, keys unchanged
             _write(module_path, _json(want), 0o600)
             changed = True
@@ -409,7 +415,43 @@ def _provision_device(home, device_id, ca_key, ca_cert, server_cert):
             raise ProvisionError(
                 "%s: the chip's key does not match its certificate" % device_id
             ) from None
+    # 8. LoRaWAN OTAA: a DevEUI and an AppKey; the module keeps the AppKey only wrapped by the
+    # chip's local envelope key (it unwraps it into RAM to join); the network server's join
+    # server gets it in clear, in its own 0600 keys file.
+    if _provision_lorawan(home, device_id, host, module_path):
+        changed = True
     return cert, changed, ez["counter"]
+
+
+LORAWAN_JOIN_EUI = "70b3d57ed0000000"
+
+
+def netserver_keys_path(home):
+    return pathlib.Path(home) / "netserver" / "keys.json"
+
+
+def _provision_lorawan(home, device_id, host, module_path):
+    from ..netserver import keys as ns_keys
+
+    cfg = _load_json(module_path)
+    lw = cfg.get("lorawan")
+    kpath = netserver_keys_path(home)
+    known = {d["devEui"]: d for d in ns_keys.load(kpath)} if kpath.exists() else {}
+    if lw is None:
+        app_key = os.urandom(16)
+        lw = {"dev_eui": os.urandom(8).hex(), "join_eui": LORAWAN_JOIN_EUI,
+              "appkey_envelope": host.wrap(profile.ENVELOPE_KEY_SLOT, app_key).hex()}
+        if host.unwrap(profile.ENVELOPE_KEY_SLOT, bytes.fromhex(lw["appkey_envelope"])) != app_key:
+            raise ProvisionError("%s: the AppKey envelope does not round-trip" % device_id)
+        cfg["lorawan"] = lw
+        _write(module_path, _json(cfg), 0o600)
+    elif lw["dev_eui"] in known:
+        return False
+    else:  # the keys file was lost: the chip gives the AppKey back from its envelope
+        app_key = host.unwrap(profile.ENVELOPE_KEY_SLOT, bytes.fromhex(lw["appkey_envelope"]))
+    ns_keys.generate(kpath, dev_eui=lw["dev_eui"], join_eui=lw["join_eui"],
+                     app_key=app_key.hex(), application_id="serene", device_name=device_id)
+    return True
 
 
 def first_epoch(counter):
@@ -468,6 +510,9 @@ def provision(home, device_ids):
             "i2c_address": profile.I2C_ADDRESS,
             "first_epoch": first,
         }
+        lw = _load_json(home / "devices" / dev / "module.json").get("lorawan")
+        if lw:
+            registry["devices"][dev]["dev_eui"] = lw["dev_eui"]
         result[dev] = "created" if fresh else ("updated" if changed else "unchanged")
     if registry != old:
         _write(reg_path, _json(registry))
