@@ -15,6 +15,14 @@ the feed for --duration seconds, lets the module deliver what it holds (--drain)
 completeness report and checks every status record the server stored against what the
 simulated pump really did. --json-summary FILE writes the figures. --pump-only runs just the
 pump simulator and the firmware, printing the records (no secure element, no delivery).
+
+--radio lora [--dr N] [--lora-loss P]: the module speaks LoRaWAN 1.0.4 class A (drivers/lorawan,
+drivers/radio/lora.py over the UDP modem shim) -> the RF medium (serene.lora.medium: time on
+air, a fraction P of the uplink frames lost at both gateways) -> two Semtech UDP gateways ->
+the stand-in network server (serene.netserver: join server with the provisioned keys, ADR,
+ChirpStack v4 MQTT integration) -> Mosquitto -> the medical server's LoRaWAN intake
+(serene.server.chirpstack: acks as downlinks within the daily budget). The summary adds time
+on air, duty-cycle use per sub-band, downlinks used, FCnt and DR changes.
 """
 
 import collections
@@ -58,6 +66,12 @@ def add_arguments(p):
     p.add_argument("--pump-only", action="store_true", help="pump simulator + firmware only")
     p.add_argument("--json-summary", metavar="FILE", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live lines")
+    p.add_argument("--radio", choices=("ltem", "lora"), default="ltem")
+    p.add_argument("--dr", type=int, default=5, help="LoRa: EU868 data rate of the join (0-5)")
+    p.add_argument("--lora-loss", type=float, default=0.1,
+                   help="LoRa: fraction of uplink frames lost (at both gateways)")
+    p.add_argument("--downlinks-per-day", type=int, default=100,
+                   help="LoRa: the medical server's downlink budget per device per 24 h")
 
 
 class TruthSampler:
@@ -228,8 +242,12 @@ def run(args):
             "run_for_s": int(args.duration) if args.duration > 0 else 0,
             "drain_s": int(args.drain),
         }
+        lora = None
+        if args.radio == "lora":
+            lora = {"dr": args.dr, "loss": args.lora_loss,
+                    "downlinks_per_day": args.downlinks_per_day}
         chain = None if args.pump_only else stack.enter_context(
-            Chain(work, args.checkpoint_every, args.fresh))
+            Chain(work, args.checkpoint_every, args.fresh, lora=lora))
         if chain:
             cfg.update(chain.module_config())
         cfg_path = work / "module.json"
@@ -240,6 +258,12 @@ def run(args):
         if chain:
             print("bench: STSAFE emulator on I2C bridge :%d, Mosquitto :%d, server database %s"
                   % (chain.bridge.port, chain.broker.port, chain.db_path), flush=True)
+        if chain and lora:
+            print("bench: LoRa DR%d, RF medium :%d, 2 gateways, %.0f %% uplink loss, network "
+                  "server :%d, LoRaWAN intake %s" % (args.dr, chain.medium.port,
+                                                     100 * args.lora_loss, chain.ns.addr[1],
+                                                     chain.lora_intake.client_id), flush=True)
+        t_start = time.monotonic()
         fw = FirmwareLog(truth, args.quiet)
         proc = upy.popen([str(mpy / "main.py"), str(cfg_path)], heap=args.heap, code_dir=mpy,
                          cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -258,7 +282,11 @@ def run(args):
                 progress.stop()
         sim_final = sim.snapshot()
         ledger = chain.finish(fw) if chain else None
+        lora_figures = chain.lora_figures(fw, time.monotonic() - t_start) \
+            if chain and lora else None
     summary = make_summary(fw, rc, sim_final, ledger)
+    if lora_figures:
+        summary["lora"] = lora_figures
     print_summary(summary)
     if args.json_summary:
         pathlib.Path(args.json_summary).write_text(json.dumps(summary, indent=2) + "\n")
@@ -344,9 +372,13 @@ class Chain:
     """Provisioning, the STSAFE emulator on the I2C bridge, Mosquitto and the server."""
 
     def __init__(self, work, checkpoint_every=16, fresh=False, se_time_scale=1.0, server=True,
-                 extra_devices=()):
+                 extra_devices=(), lora=None):
         """extra_devices: more provisioned devices with broker accounts (a hostile one in
-        the flood tests); the firmware runs as DEVICE."""
+        the flood tests); the firmware runs as DEVICE. lora: {"dr", "loss",
+        "downlinks_per_day"}: the module on LoRa (medium, gateways, network server, the
+        LoRaWAN intake) instead of LTE-M."""
+        self.lora = lora
+        self.lora_intake = self.ns = self.medium = None
         self.home = pathlib.Path(work) / "home"
         self.devices = [DEVICE] + [d for d in extra_devices if d != DEVICE]
         self.checkpoint_every = checkpoint_every
@@ -381,6 +413,8 @@ class Chain:
             if self.with_server:
                 self.start_server()
             self._stack.callback(self.stop_server)
+            if self.lora:
+                self._start_lora()
         except BaseException:
             self._stack.close()
             raise
@@ -401,6 +435,71 @@ class Chain:
                                      creds["password"])
         self.service.start()
 
+    def _start_lora(self):
+        import random
+
+        from .lora.medium import Gateway, Medium
+        from .netserver.server import NetworkServer
+        from .server.chirpstack import ChirpstackIntake, load_dev_euis
+        from .server.ingest import Ingest
+        from .server.store import Store
+        from .stsafe.provision import netserver_keys_path
+        from .verifier import from_home
+
+        creds = self.broker.server_credentials()
+        budget = self.home / "server" / "lorawan-downlinks.json"
+        if self.fresh and budget.exists():
+            budget.unlink()
+        self.lora_intake = ChirpstackIntake(
+            lambda: Ingest(from_home(self.home), Store(self.db_path), worker_id=1),
+            self.broker.server_port, creds["username"], creds["password"],
+            load_dev_euis(self.home), worker_id=1,
+            downlinks_per_day=self.lora["downlinks_per_day"], budget_path=budget).start()
+        self._stack.callback(self.lora_intake.stop)
+        nc = self.broker.netserver_credentials()
+        self.ns = NetworkServer(netserver_keys_path(self.home), mqtt_port=self.broker.server_port,
+                                username=nc["username"], password=nc["password"]).start()
+        self._stack.callback(self.ns.stop)
+        loss = self.lora["loss"]
+
+        def drop(index, gw, seed=4242):
+            # Frame loss: the same frame lost at both gateways (a fade at the module).
+            return random.Random(seed * 1_000_003 + index).random() < loss
+
+        gws = [Gateway("aa555a0000000001", distance_m=300),
+               Gateway("aa555a0000000002", distance_m=900)]
+        self.medium = Medium(gws, self.ns.addr, drop=drop).start()
+        self._stack.callback(self.medium.stop)
+
+    def lora_figures(self, fw, elapsed_s):
+        """Time on air, duty-cycle use per sub-band, downlinks, FCnt, DR changes."""
+        fwh = fw.firmware or {}
+        bands = fwh.get("lora_band_airtime_ms") or {}
+        up = [u for u in self.medium.uplinks]
+        return {
+            "dr_start": self.lora["dr"],
+            "dr_end": fwh.get("lora_dr"),
+            "dr_changes": fwh.get("radio_dr_changes"),
+            "fcnt_up": fwh.get("lora_fcnt_up"),
+            "time_on_air_ms": fwh.get("lora_airtime_ms"),
+            "uplinks_on_air": len(up),
+            "uplinks_lost": sum(1 for u in up if not u["heard_by"]),
+            "band_airtime_ms": bands,
+            "band_duty_pct": {b: round(100.0 * ms / (elapsed_s * 1000), 3)
+                              for b, ms in bands.items()},
+            "elapsed_s": round(elapsed_s, 1),
+            "downlinks_sent_by_server": self.lora_intake.stats["downlinks"],
+            "downlinks_budget_per_day": self.lora["downlinks_per_day"],
+            "downlinks_used_24h": self.lora_intake.used(DEVICE),
+            "ack_requests": self.lora_intake.stats["ack_requests"],
+            "acks_over_budget": self.lora_intake.stats["over_budget"],
+            "downlinks_on_air": self.medium.stats["downlinks"],
+            "link_ack_requests": fwh.get("link_ack_requests"),
+            "link_mtu_changes": fwh.get("link_mtu_changes"),
+            "netserver": {k: v for k, v in self.ns.stats.items() if v},
+            "intake_refused": dict(self.lora_intake.refused),
+        }
+
     def stop_server(self):
         if self.service is not None:
             self.service.stop()
@@ -408,7 +507,11 @@ class Chain:
 
     def module_config(self):
         creds = self.broker.credentials(DEVICE)
-        return {
+        lora = {}
+        if self.lora:
+            lora = {"radio": "lora", "lora_dr": self.lora["dr"],
+                    "lora_medium_port": self.medium.port}
+        return lora | {
             "identity": str(self.module_json),
             "se_bridge_port": self.bridge.port,
             "mqtt_host": "127.0.0.1",
@@ -431,6 +534,8 @@ class Chain:
     def finish(self, fw):
         """After the firmware stopped: let the server finish, then check what it stored."""
         self.service.wait_idle(10)
+        if self.lora_intake is not None:
+            self.lora_intake.wait_idle(10)
         import sqlite3
 
         db = sqlite3.connect("file:%s?mode=ro" % self.db_path, uri=True)
@@ -476,7 +581,9 @@ class Progress:
             svc = self.chain.service
             line = ("bench: produced %d  stored %d  acks sent %d  open gaps %d  rejects %d"
                     % (sum(self.fw.produced.values()), cur.get("objects", 0),
-                       svc.acks_sent if svc else 0, cur.get("missing", 0),
+                       (svc.acks_sent if svc else 0) + (self.chain.lora_intake.stats[
+                           "downlinks"] if self.chain.lora_intake else 0),
+                       cur.get("missing", 0),
                        led.get("rejected", 0)))
             quiet_s += 1
             if line != last or quiet_s >= 10:  # on change, else every 10 s
@@ -554,6 +661,18 @@ def print_summary(s):
                  s["checkpoints"]))
         print("  link                 %s frames, %s bytes, %s retransmissions"
               % (s["frames_sent"], s["bytes_sent"], s["retransmissions"]))
+    lo = s.get("lora")
+    if lo:
+        print("  lora                 DR%s -> DR%s (%s changes), FCnt %s, %s ms on air in %s "
+              "uplinks (%s lost on air), duty cycle %% of the run by sub-band %s"
+              % (lo["dr_start"], lo["dr_end"], lo["dr_changes"], lo["fcnt_up"],
+                 lo["time_on_air_ms"], lo["uplinks_on_air"], lo["uplinks_lost"],
+                 lo["band_duty_pct"]))
+        print("  lora downlinks       %s acks sent for %s asks (%s over budget), %s of %s a "
+              "day used, %s downlinks on air (join-accept and MAC included)"
+              % (lo["downlinks_sent_by_server"], lo["ack_requests"], lo["acks_over_budget"],
+                 lo["downlinks_used_24h"], lo["downlinks_budget_per_day"],
+                 lo["downlinks_on_air"]))
     print("  pump link conditions %s" % (s["pump_link_conditions"] or "none"))
     print("  module events        %s" % (s["module_events"] or "none"))
     print("  volume check         %d status records, %d mismatches"
