@@ -237,3 +237,32 @@ def test_hostile_hub_no_loss_no_forgery_with_link_and_sealed_acks(tmp_path, upy,
         + fin["rejected"].get("truncated", 0) > 0, fin
     assert fin["link"]["acks"] <= srv.acks
     assert fin["link"]["retransmissions"] > 0
+
+
+def test_hub_buffers_bounded_while_its_internet_is_down():
+    class FakeInfo:
+        rc = 0
+
+    class FakeMqtt:
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, topic, payload, qos):
+            self.sent.append((topic, payload, qos))
+            return FakeInfo()
+
+    async def go():
+        hub = Hub(None, {}, ["SRN-0001"], buffer_max=5)
+        hub._loop = asyncio.get_running_loop()
+        hub._mq = FakeMqtt()
+        for i in range(8):  # the broker unreachable: _mq_up is clear
+            await hub._uplink("SRN-0001", bytes([i]))
+        assert hub._mq.sent == []
+        assert [d for _, d in hub.buffer] == [bytes([i]) for i in range(3, 8)]
+        assert hub.stats["buffer_dropped"] == 3 and hub.stats["buffered"] == 5
+        hub._mq_up.set()  # back: everything buffered goes, in order, QoS 1
+        hub._flush()
+        assert hub._mq.sent == [("serene/SRN-0001/up", bytes([i]), 1) for i in range(3, 8)]
+        assert not hub.buffer and hub.stats["published"] == 5 and hub.stats["buffered"] == 0
+
+    asyncio.run(go())

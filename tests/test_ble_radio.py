@@ -242,3 +242,23 @@ def test_heap_of_the_driver_from_mpy(upy, mpy_dir):
     # downlink slots, counters) is the working heap.
     assert int(obj) < 6_000
     assert int(module) < 16_000
+
+
+@pytest.mark.parametrize("ll, ppe, ci", [(27, 4, 30), (251, 2, 15), (27, 1, 50)])
+def test_driver_time_on_air_agrees_with_the_host_formula(upy, ll, ppe, ci):
+    # drivers/radio/ble.py and serene.ble.gatt were written apart: each checks the other.
+    code = (
+        "from drivers.radio.ble import BleRadio\n"
+        "class A:\n"
+        "    class Service:\n"
+        "        def __init__(self, u): self.characteristics = []\n"
+        "    class Characteristic:\n"
+        "        def __init__(self, s, u, **kw): self.flags = 0\n"
+        "r = BleRadio(A, str, 'SRN-0001', ll_payload=%d, pkts_per_event=%d, "
+        "conn_interval_ms=%d)\n"
+        "print(' '.join('%%d:%%d' %% (r.time_on_air_ms(n), r.air_us(n)) for n in range(1, 245)))\n"
+        % (ll, ppe, ci))
+    got = upy.run(["-c", code]).stdout.split()
+    want = ["%d:%d" % (gatt.indication_events(n, ll, ppe) * ci, gatt.air_us(n, ll, True))
+            for n in range(1, 245)]
+    assert got == want
