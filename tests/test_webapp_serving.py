@@ -137,6 +137,31 @@ def test_500_half_sent_requests_hold_no_thread_and_a_good_one_is_served(home):
     assert threading.active_count() <= before
 
 
+def test_at_the_connection_limit_the_oldest_half_sent_request_makes_room(home):
+    s = AppServer(home, 0, connection_limit=50).start()  # 48 connections (+ listener, trigger)
+    half = []
+    try:
+        for _ in range(100):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            c.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Slow: " % s.port)
+            half.append(c)
+        t0 = time.monotonic()
+        status, _, body = get(s.port, "127.0.0.1:%d" % s.port, "/login")
+        assert status == 200 and b'name="csrf_token"' in body
+        assert time.monotonic() - t0 < 2.0
+        # Each time the 48 are open the oldest not being answered goes: 47 remain.
+        assert s.closed["evicted"] == 101 - 47
+        for c in half[:10]:  # the oldest: closed, unanswered
+            try:
+                assert c.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for c in half:
+            c.close()
+        s.stop()
+
+
 def test_a_trickling_or_silent_connection_is_closed_at_its_deadline(home):
     s = AppServer(home, 0, idle_s=1, request_s=1.0).start()
     try:

@@ -8,8 +8,9 @@ headers and body are parsed there, and only a complete request is handed to a fi
 THREADS worker threads. So a client that sends half a request holds a socket and a few
 hundred bytes, never a thread (issue 8, item 10: 500 half-sent requests held 502 threads in
 werkzeug's threaded server). Bounds:
-- THREADS workers; at most CONNECTION_LIMIT open connections (beyond, new ones wait in the
-  listen backlog until one closes), read with poll() (select() stops at 1024 descriptors);
+- THREADS workers; at most CONNECTION_LIMIT open connections, read with poll() (select()
+  stops at 1024 descriptors); at the limit the oldest one not being answered is closed to
+  make room (ours, below: waitress alone stops accepting until one closes);
 - a connection silent for IDLE_S is closed (waitress' channel_timeout, checked every second);
   a request must have arrived whole REQUEST_S after its first byte, however slowly it
   trickles (ours, below: waitress alone only times out silence);
@@ -90,9 +91,26 @@ class _Server(TcpWSGIServer):
 
     def __init__(self, *a, **kw):
         #: connections closed unanswered: "idle" (silent for channel_timeout), "too slow"
-        #: (a request not whole request_s after its first byte)
+        #: (a request not whole request_s after its first byte), "evicted" (the oldest, to
+        #: make room at the connection limit)
         self.closed = collections.Counter()
         super().__init__(*a, **kw)
+
+    _evicting = None
+
+    def readable(self):
+        """At the connection limit, close the oldest connection that is not being answered
+        (a half-sent or idle one) to make room, one at a time: a flood of connections then
+        waits behind itself, not a good client behind the flood."""
+        if self.accepting and len(self._map) >= self.adj.connection_limit and (
+                self._evicting is None or self._evicting.socket is None):
+            idle = [ch for ch in self.active_channels.values()
+                    if not ch.requests and not ch.will_close]
+            if idle:
+                self._evicting = min(idle, key=lambda ch: ch.request_started)
+                self._evicting.will_close = True  # closed at the next round of the loop
+                self.closed["evicted"] += 1
+        return super().readable()
 
     def maintenance(self, now):
         """waitress' (close what was silent for channel_timeout), and the request deadline."""
