@@ -266,3 +266,32 @@ def test_hub_buffers_bounded_while_its_internet_is_down():
         assert not hub.buffer and hub.stats["published"] == 5 and hub.stats["buffered"] == 0
 
     asyncio.run(go())
+
+
+def test_serene_hub_command(brk, upy, procs, tmp_path):
+    import os
+    import signal
+    import sys
+
+    creds = brk.hub_credentials("hub-1")
+    pw = tmp_path / "hub.pw"
+    pw.write_text(creds["password"] + "\n")
+    os.chmod(pw, 0o600)
+    srv = server_probe(brk)
+    with Medium() as m:
+        hub = subprocess.Popen(
+            [sys.executable, "-m", "serene", "hub", "--medium", str(m.port), "--broker-port",
+             str(brk.port), "--user", "hub-1", "--password-file", str(pw), "SRN-0001"],
+            cwd=upy_mod.REPO / "tools", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        procs.append(hub)
+        try:
+            p = start_node(upy, procs, m.port, frames=5)
+            got = [srv.get(timeout=15) for _ in range(5)]
+            node_events(p)
+        finally:
+            hub.send_signal(signal.SIGINT)
+            out = hub.communicate(timeout=15)[0]
+            srv.close()
+    assert [check_frame(g[1]) for g in got if g] == [0, 1, 2, 3, 4], out
+    assert "serene hub: " in out and "'published': 5" in out, out
