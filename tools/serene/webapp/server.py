@@ -20,9 +20,11 @@ The application checks the Host header against the addresses served (421: a DNS-
 page sends its own name) and says Cache-Control: no-store on every answer (webapp/__init__).
 
 TLS. Waitress has no TLS, and the servers that do it in Python were judged on slow clients:
-cheroot (CherryPy's, TLS-capable) hands a connection to a worker thread as soon as its first
-byte arrives and the worker then blocks reading the head (10 threads, 50 half-sent heads: a
-good request still unanswered after 30 s), and it does the TLS handshake on its accept path.
+cheroot 11 (CherryPy's, TLS-capable) hands a connection to a worker thread as soon as its
+first byte arrives and the worker then blocks reading the head (10 threads, 50 half-sent
+heads: a good request still unanswered after 30 s), and it does every TLS handshake on its
+single accept path (3 connections that never sent a ClientHello delayed a good HTTPS client
+by 30 s: 10 s of timeout each, one after the other). Measured 2026-12, not guessed.
 So the application never speaks TLS itself, and it never serves plain HTTP beyond loopback:
 - by default it binds 127.0.0.1 (reachable from this machine only), plain HTTP;
 - to expose it, put a TLS-terminating reverse proxy in front (nginx, README) and give its
