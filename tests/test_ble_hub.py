@@ -54,7 +54,7 @@ def test_hub_relays_up_and_down_through_mosquitto_with_range_outages(brk, upy, p
     srv = server_probe(brk)
     creds = brk.hub_credentials("hub-1")
     scen = {"modules": {"SRN-0001": {"out_of_range": [[2.0, 3.0], [4.5, 5.5]]}},
-            "supervision_timeout_ms": 300}
+            "supervision_timeout_ms": 300, "t0": "first_connection"}
     with Medium(scen) as m:
         hub = Hub(SimBackend(m.port), {"port": brk.port, "username": creds["username"],
                                        "password": creds["password"]}, ["SRN-0001"])

@@ -35,7 +35,8 @@ one direction carries one PDU at a time, so throughput is bounded the same way. 
 write reaches the module after its events, its response one event later.
 
 Range: ``scenario["modules"][name]["out_of_range"] = [[start_s, end_s], ...]`` on the
-medium's clock (seconds since start(), scaled by ``clock_scale``), or the hub op "range".
+medium's clock (seconds since start(), or since the first connection with
+``"t0": "first_connection"``; scaled by ``clock_scale``), or the hub op "range".
 Out of range, a module's adverts are not seen and connections fail; a connection whose
 module leaves range ends after ``supervision_timeout_ms`` (Core Vol 6 Part B §4.5.2) on both
 sides with reason 0x08, its unconfirmed indication lost.
@@ -62,6 +63,7 @@ DEFAULTS = {
     "hub_max_mtu": gatt.MAX_ATT_MTU,
     "pairing": "sc",  # "sc": LE Secure Connections; "legacy"; "none": the hub refuses
     "clock_scale": 1.0,
+    "t0": "start",  # or "first_connection": the schedule's clock starts there
     "modules": {},
 }
 # HCI error codes (Core v5.4 Vol 1 Part F §1.3) used as disconnection reasons.
@@ -142,6 +144,7 @@ class Medium:
         self._ready = threading.Event()
         self._forced = {}  # name -> bool: range forced by the hub op "range"
         self._writers = set()
+        self._t0_set = False
         self._tasks = set()
 
     # --- life cycle ---------------------------------------------------------------------
@@ -469,6 +472,9 @@ class Medium:
             c = _Conn(cid, m, hub, req.get("confirm") == "manual")
             c.hub_mtu = min(int(req.get("mtu", self.cfg["hub_max_mtu"])),
                             self.cfg["hub_max_mtu"])
+            if self.cfg["t0"] == "first_connection" and not self._t0_set:
+                self._t0 = time.monotonic()
+                self._t0_set = True
             self._conns[cid] = c
             hub.conns.add(cid)
             m.conn = c
