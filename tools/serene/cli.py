@@ -11,6 +11,7 @@
     serene users       accounts of the web application (`users add` makes the first admin)
     serene screenshots screenshots of the web application (triage list, patient page; en, fr)
     serene hub         BLE home hub: relay modules' GATT service to the broker and back
+    serene fleet       N simulated modules with their own identities over MQTT (load, acks)
 
 Each command is one row of COMMANDS: its module provides `add_arguments(parser)` and
 `run(args)`. Errors meant for the user are raised as CliError and printed as `serene: message`.
@@ -38,6 +39,7 @@ COMMANDS = {
     "users": ("webapp.cmd_users", "accounts of the web application (users add, users list)"),
     "screenshots": ("webapp.cmd_screenshots", "screenshots of the web application (en, fr)"),
     "hub": ("hub.cli", "BLE home hub: relay modules' GATT service to the broker and back"),
+    "fleet": ("fleet.cli", "N simulated modules with their own identities over MQTT (load)"),
 }
 
 
