@@ -128,8 +128,14 @@ class BleRadio(Radio):
         self._svc_uuid = uuid(SERVICE_UUID)
         svc = aioble.Service(self._svc_uuid)
         self._up = aioble.Characteristic(svc, uuid(UPLINK_UUID), indicate=True)
-        self._down = aioble.Characteristic(svc, uuid(DOWNLINK_UUID), write=True, capture=True)
-        self._st = aioble.Characteristic(svc, uuid(STATUS_UUID), read=True)
+        n = len(device_id)
+        # MicroPython's GATT server gives a value a 20-byte buffer and cuts longer writes to
+        # it (MP_BLUETOOTH_DEFAULT_ATTR_LEN, extmod/modbluetooth.h): the downlink's buffer is
+        # one byte over the largest downlink, so a longer write still shows as oversize.
+        self._down = aioble.BufferedCharacteristic(svc, uuid(DOWNLINK_UUID), write=True,
+                                                   capture=True, max_len=_DOWN_MAX + 1)
+        self._st = aioble.BufferedCharacteristic(svc, uuid(STATUS_UUID), read=True,
+                                                 max_len=2 + n + 6)
         if secure:
             # aioble's Characteristic has no keyword for these permission bits; its flags go
             # as they are to gatts_register_services (_FLAG_WRITE_ENCRYPTED 0x1000,
@@ -137,7 +143,6 @@ class BleRadio(Radio):
             self._down.flags |= 0x1000
             self._st.flags |= 0x0200
         self._svc = svc
-        n = len(device_id)
         self._status = bytearray(2 + n + 6)  # the one status buffer, rewritten in place
         self._status[0] = _STATUS_VERSION
         self._status[1] = n

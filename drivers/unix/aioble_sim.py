@@ -10,6 +10,8 @@
 #   UUID(str)                    as bluetooth.UUID: bytes() gives the 16 bytes little-endian
 #   Service(uuid), Characteristic(service, uuid, read=, write=, write_no_response=,
 #       notify=, indicate=, initial=, capture=), register_services(*services)
+#   BufferedCharacteristic(..., max_len=20, append=False): the value buffer's size (remote
+#       writes beyond it are cut, as on a board)
 #   Characteristic.read(), .write(data, send_update=False), await .written(timeout_ms=None)
 #       (capture=True: (connection, data)), await .indicate(connection, data, timeout_ms=1000)
 #   await advertise(interval_us, name=, services=, appearance=, manufacturer=, timeout_ms=)
@@ -41,6 +43,11 @@ _FLAG_WRITE_CAPTURE = const(0x10000)
 _CAPTURE_LIMIT = const(10)
 _ADV_MAX = const(31)  # legacy advertising PDU data (Core Vol 6 Part B §2.3.1.1)
 _DEFAULT_MTU = const(23)
+# MicroPython's GATT server keeps each value in a buffer of MP_BLUETOOTH_DEFAULT_ATTR_LEN = 20
+# bytes (extmod/modbluetooth.h) unless gatts_set_buffer() (aioble's BufferedCharacteristic)
+# sizes it; a longer remote write is cut to the buffer (NimBLE: data_len = MIN(data_alloc,
+# len)); a local gatts_write() grows it.
+_DEFAULT_ATTR_LEN = const(20)
 
 
 class GattError(Exception):
@@ -289,6 +296,8 @@ class Characteristic:
         self.flags = flags
         self._value_handle = None
         self._value = initial if initial is not None else b""
+        self._max_len = _DEFAULT_ATTR_LEN
+        self._append = False
 
     def read(self):
         return self._value
@@ -302,6 +311,9 @@ class Characteristic:
         if not hasattr(self, "_writes"):
             _m.stats["malformed"] += 1
             return
+        if self._append:
+            data = self._value + data
+        data = data[: self._max_len]  # the stack's value buffer
         self._value = data
         if not self.flags & _FLAG_WRITE_CAPTURE:
             self._writes = [conn]
@@ -338,6 +350,13 @@ class Characteristic:
                 raise GattError(self._ind_status)
         finally:
             self._ind_conn = None
+
+
+class BufferedCharacteristic(Characteristic):
+    def __init__(self, *args, max_len=20, append=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_len = max_len
+        self._append = append
 
 
 def register_services(*services):

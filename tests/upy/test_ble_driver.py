@@ -49,6 +49,12 @@ class Characteristic:
             raise self.indicate_raises
 
 
+class BufferedCharacteristic(Characteristic):
+    def __init__(self, *args, max_len=20, append=False, **kw):
+        super().__init__(*args, **kw)
+        self.max_len = max_len
+
+
 class Conn:
     def __init__(self, mtu=247):
         self.mtu = mtu
@@ -66,6 +72,7 @@ class Conn:
 class FakeAioble:
     Service = Service
     Characteristic = Characteristic
+    BufferedCharacteristic = BufferedCharacteristic
     DeviceDisconnectedError = DeviceDisconnectedError
     GattError = GattError
 
@@ -86,6 +93,9 @@ def test_gatt_table_three_characteristics_one_writable():
     assert got == [("cf0c0002", 0x20), ("cf0c0003", 0x08 | 0x1000), ("cf0c0004", 0x02 | 0x200)]
     assert [c.uuid[:8] for c in chars if c.flags & 0x0C] == ["cf0c0003"]
     assert chars[1].capture
+    # The stack's value buffers: the downlink one byte over the largest downlink (80), so a
+    # longer write, cut to the buffer, still shows as oversize; the status its record.
+    assert (chars[1].max_len, chars[2].max_len) == (81, 2 + 8 + 6)
     r = radio(secure=False)
     assert [c.flags for c in r._svc.characteristics] == [0x20, 0x08, 0x02]
 
