@@ -44,6 +44,9 @@
 # `aioble` is injected (the board profile gives micropython-lib's aioble on a board and
 # drivers/unix/aioble_sim on the unix port), with `uuid`, the UUID constructor
 # (bluetooth.UUID on a board, aioble_sim.UUID): no import tricks, the same code on both.
+# Construct the radio inside the running event loop (the app's main coroutine): aioble starts
+# its write-capture task when the first capturing characteristic is made (server.py
+# _init_capture).
 import asyncio
 import struct
 from micropython import const
