@@ -267,3 +267,24 @@ def test_driver_time_on_air_agrees_with_the_host_formula(upy, ll, ppe, ci):
     want = ["%d:%d" % (gatt.indication_events(n, ll, ppe) * ci, gatt.air_us(n, ll, True))
             for n in range(1, 245)]
     assert got == want
+
+
+def test_scenario_files_are_validated(tmp_path):
+    from serene.ble import medium as M
+
+    f = tmp_path / "sc.json"
+    f.write_text(json.dumps({"conn_interval_ms": 45, "modules": {
+        "SRN-0001": {"out_of_range": [[60, 90], [150, 180]]}}}))
+    sc = M.load_scenario(f)
+    assert sc["conn_interval_ms"] == 45 and sc["pkts_per_event"] == 4
+    for bad, key in (({"conn_interval_ms": 5}, "conn_interval_ms"),
+                     ({"ll_payload": 300}, "ll_payload"), ({"loss": 0.1}, "loss"),
+                     ({"modules": {"A": {"out_of_range": [[5, 2]]}}}, "modules.A.out_of_range"),
+                     ({"modules": {"A": {"exec": "x"}}}, "modules.A"),
+                     ({"pairing": "maybe"}, "pairing")):
+        with pytest.raises(M.ScenarioError) as e:
+            M.check_scenario(bad)
+        assert e.value.key == key
+    f.write_text("{not json")
+    with pytest.raises(M.ScenarioError):
+        M.load_scenario(f)

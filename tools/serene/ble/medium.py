@@ -73,6 +73,62 @@ R_LOCAL = 0x16
 _RANGE_TICK_S = 0.02
 
 
+class ScenarioError(ValueError):
+    """A scenario that cannot be used. `key`: where; the message says why."""
+
+    def __init__(self, key, msg):
+        super().__init__("scenario %s: %s" % (key, msg))
+        self.key = key
+
+
+def check_scenario(sc):
+    """Validate a scenario (declarative data, never code: a JSON file or a dict) and return it
+    completed with the defaults."""
+    if not isinstance(sc, dict):
+        raise ScenarioError("", "not an object")
+    for k in sc:
+        if k not in DEFAULTS:
+            raise ScenarioError(k, "unknown key")
+    out = dict(DEFAULTS)
+    out.update(sc)
+    for k in ("conn_interval_ms", "pkts_per_event", "ll_payload", "supervision_timeout_ms",
+              "hub_max_mtu", "clock_scale"):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ScenarioError(k, "must be a positive number")
+    # Core Vol 6 Part B §4.5.1: 7.5 ms..4 s; LL payload 27..251 (§2.4); ATT_MTU 23..517.
+    if not 7.5 <= out["conn_interval_ms"] <= 4000:
+        raise ScenarioError("conn_interval_ms", "outside 7.5..4000")
+    if not 27 <= out["ll_payload"] <= 251:
+        raise ScenarioError("ll_payload", "outside 27..251")
+    if not gatt.DEFAULT_ATT_MTU <= out["hub_max_mtu"] <= 517:
+        raise ScenarioError("hub_max_mtu", "outside 23..517")
+    if out["pairing"] not in ("sc", "legacy", "none"):
+        raise ScenarioError("pairing", "sc, legacy or none")
+    if out["t0"] not in ("start", "first_connection"):
+        raise ScenarioError("t0", "start or first_connection")
+    if not isinstance(out["modules"], dict):
+        raise ScenarioError("modules", "not an object")
+    for name, spec in out["modules"].items():
+        if not isinstance(spec, dict) or set(spec) - {"out_of_range"}:
+            raise ScenarioError("modules.%s" % name, "only out_of_range")
+        for iv in spec.get("out_of_range", ()):
+            if (not isinstance(iv, (list, tuple)) or len(iv) != 2
+                    or not all(isinstance(x, (int, float)) for x in iv) or not iv[0] < iv[1]):
+                raise ScenarioError("modules.%s.out_of_range" % name, "[start_s, end_s] pairs")
+    return out
+
+
+def load_scenario(path):
+    """A scenario from a JSON file, validated (check_scenario)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise ScenarioError(str(path), "not JSON: %s" % e) from None
+    return check_scenario(data)
+
+
 def _pack(t, body=b""):
     return struct.pack(">HB", len(body) + 1, t) + body
 
@@ -124,8 +180,7 @@ class Medium:
     """The BLE medium. ``with Medium(scenario) as m: m.port`` (a thread runs its loop)."""
 
     def __init__(self, scenario=None, host="127.0.0.1", port=0):
-        self.cfg = dict(DEFAULTS)
-        self.cfg.update(scenario or {})
+        self.cfg = check_scenario(scenario or {})
         self.host = host
         self.port = port
         self.stats = {k: 0 for k in (
