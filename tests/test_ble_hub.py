@@ -295,3 +295,26 @@ def test_serene_hub_command(brk, upy, procs, tmp_path):
             srv.close()
     assert [check_frame(g[1]) for g in got if g] == [0, 1, 2, 3, 4], out
     assert "serene hub: " in out and "'published': 5" in out, out
+
+
+def test_hub_connects_only_to_the_modules_it_serves(brk, upy, procs):
+    srv = server_probe(brk)
+    creds = brk.hub_credentials("hub-1")
+    with Medium() as m:
+        hub = Hub(SimBackend(m.port), {"port": brk.port, "username": creds["username"],
+                                       "password": creds["password"]}, ["SRN-0001"])
+        ht = HubThread(hub)
+        try:
+            other = start_node(upy, procs, m.port, id="SRN-0002", frames=1, deadline_s=5)
+            mine = start_node(upy, procs, m.port, frames=3)
+            got = [srv.get(timeout=15) for _ in range(3)]
+            ev_mine = node_events(mine)
+            ev_other = node_events(other)
+            ms = m.snapshot()
+        finally:
+            ht.stop()
+            srv.close()
+    assert [g[0] for g in got] == ["serene/SRN-0001/up"] * 3
+    assert ev_mine[-1]["sent"] == 3
+    assert ev_other[-1]["stats"]["connections"] == 0 and ev_other[-1]["sent"] == 0
+    assert ms["connects"] == 1

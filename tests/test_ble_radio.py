@@ -288,3 +288,39 @@ def test_scenario_files_are_validated(tmp_path):
     f.write_text("{not json")
     with pytest.raises(M.ScenarioError):
         M.load_scenario(f)
+
+
+def test_no_encryption_no_downlink_no_status_no_uplink(upy, procs):
+    """A hub whose stack refuses pairing: the downlink and the status stay closed (ATT 0x0F),
+    the module never counts the hub as up, sends nothing, and drops the connection when its
+    pairing times out."""
+
+    async def hub(m):
+        c = await MediumClient.open(m.port)
+        ad = await find(c)
+        conn = await c.connect(ad["addr"])
+        d = await c.discover(conn)
+        h = {ch["uuid"]: ch["handle"] for ch in d["chars"]}
+        assert await c.subscribe(conn, h[str(gatt.UPLINK)]) == 0
+        assert await c.write(conn, h[str(gatt.DOWNLINK)], b"") == \
+            gatt.ATT_INSUFFICIENT_ENCRYPTION
+        assert await c.write(conn, h[str(gatt.DOWNLINK)], b"\x01ack") == \
+            gatt.ATT_INSUFFICIENT_ENCRYPTION
+        assert (await c.read(conn, h[str(gatt.STATUS)]))[0] == gatt.ATT_INSUFFICIENT_ENCRYPTION
+        while True:  # the module's pairing gives up: it disconnects
+            ev = await asyncio.wait_for(c.events.get(), 5)
+            assert ev["ev"] in ("mtu", "disconnected"), ev
+            if ev["ev"] == "disconnected":
+                break
+        s = await c.stats()
+        await c.close()
+        return s
+
+    with Medium({"pairing": "none"}) as m:
+        p = start_node(upy, procs, m.port, frames=1, deadline_s=4, pair_timeout_ms=1500)
+        s = asyncio.run(hub(m))
+        evs = node_events(p)
+    assert not [e for e in evs if e["ev"] in ("up", "sent", "down")]
+    st = evs[-1]["stats"]
+    assert st["pair_failures"] >= 1 and st["pairings"] == 0 and st["downlinks"] == 0
+    assert s["indications"] == 0 and s["pairings_refused"] >= 1 and s["writes"] == 0

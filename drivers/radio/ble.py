@@ -114,7 +114,7 @@ class BleError(RadioError):
 class BleRadio(Radio):
     def __init__(self, aioble, uuid, device_id, pending=None, secure=True,
                  conn_interval_ms=30, pkts_per_event=4, ll_payload=27, mtu_max=_MAX_ATT_MTU,
-                 rx_slots=_RX_SLOTS):
+                 rx_slots=_RX_SLOTS, pair_timeout_ms=_PAIR_TIMEOUT_MS):
         super().__init__("ble", 0)
         if len(device_id) > _NAME_MAX:
             raise ValueError("device id longer than the advertised name allows")
@@ -124,6 +124,7 @@ class BleRadio(Radio):
         self._name = device_id
         self._pending = pending  # () -> objects pending in the outbox (the firmware's)
         self._secure = secure
+        self._pair_timeout_ms = pair_timeout_ms
         self.conn_interval_ms = conn_interval_ms  # what the hub is expected to use
         self.pkts_per_event = pkts_per_event
         self.ll_payload = ll_payload
@@ -336,7 +337,7 @@ class BleRadio(Radio):
             if self._secure:
                 try:
                     await c.pair(bond=True, le_secure=True, mitm=False,
-                                 timeout_ms=_PAIR_TIMEOUT_MS)
+                                 timeout_ms=self._pair_timeout_ms)
                     self.stats["pairings"] += 1
                 except asyncio.TimeoutError:
                     # No encryption: the hub cannot write the downlink nor read the status;

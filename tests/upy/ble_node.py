@@ -1,6 +1,6 @@
 # A module with only its BLE radio, on the unix port, for tests/test_ble_radio.py:
 #   micropython ble_node.py '{"port": P, "id": "SRN-0001", "frames": N, "downs": D,
-#                             "secure": true, "deadline_s": S}'
+#                             "secure": true, "deadline_s": S, "pair_timeout_ms": T}'
 # Sends N frames sized to the MTU of the moment (frame i: i u16 BE, then bytes (i + k) & 0xFF),
 # each resent until it is confirmed (as the link layer would); prints one JSON line per event
 # (up, sent, send_err, down) and the radio's and the shim's counters at the end.
@@ -20,7 +20,8 @@ def out(**kw):
 async def main(cfg):
     aioble_sim.attach("127.0.0.1", cfg["port"])
     radio = BleRadio(aioble_sim, aioble_sim.UUID, cfg["id"], pending=lambda: 7,
-                     secure=cfg.get("secure", True))
+                     secure=cfg.get("secure", True),
+                     pair_timeout_ms=cfg.get("pair_timeout_ms", 10_000))
     task = asyncio.create_task(radio.run())
     deadline = time.ticks_add(time.ticks_ms(), int(cfg.get("deadline_s", 30) * 1000))
     downs = []
