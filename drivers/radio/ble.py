@@ -117,9 +117,9 @@ class BleRadio(Radio):
                  rx_slots=_RX_SLOTS, pair_timeout_ms=_PAIR_TIMEOUT_MS):
         super().__init__("ble", 0)
         if len(device_id) > _NAME_MAX:
-            raise ValueError("device id longer than the advertised name allows")
+            raise ValueError("device id longer than the advertised name allows", device_id)
         if mtu_max < _DEFAULT_ATT_MTU or mtu_max > _MAX_ATT_MTU:
-            raise ValueError("mtu_max")
+            raise ValueError("mtu_max", mtu_max)
         self._ble = aioble
         self._name = device_id
         self._pending = pending  # () -> objects pending in the outbox (the firmware's)
