@@ -117,8 +117,11 @@ Q_COMMIT_S = 0.020
 Q_COMMIT_MAX = 2000
 #: Quarantine packets read between two looks at the main socket.
 Q_CHECK_EVERY = 8
-#: Topic filters per SUBSCRIBE / UNSUBSCRIBE packet.
+#: Topic filters per SUBSCRIBE / UNSUBSCRIBE packet, and their bytes: the packet must fit the
+#: broker's max_packet_size (serene.broker.MAX_PACKET, 1280), which disconnects a larger one
+#: (64 filters of $share/serene-0/serene/<8-char id>/up are ~2,400 bytes).
 SUB_CHUNK = 64
+SUB_BYTES = 1024
 #: How often `devices` (when a callable) is asked again for new accounts.
 DEVICES_REFRESH_S = 5.0
 
@@ -194,7 +197,14 @@ class _Conn:
         then() once the broker acknowledged them all on this connection (never if it is lost
         meanwhile: its reconnection starts over)."""
         filters = list(filters)
-        chunks = [filters[i:i + SUB_CHUNK] for i in range(0, len(filters), SUB_CHUNK)]
+        chunks, size = [], SUB_BYTES
+        for f in filters:
+            n = 2 + len(f.encode()) + (op == "sub")  # length, filter, options byte
+            if size + n > SUB_BYTES or len(chunks[-1]) >= SUB_CHUNK:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(f)
+            size += n
         if not chunks:
             if then is not None:
                 then()
