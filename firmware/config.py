@@ -54,6 +54,9 @@ DEFAULTS = {
     "lora_adr": True,
     "lora_medium_port": 0,  # unix: the RF medium simulator's UDP port on 127.0.0.1
     "lora_link_window": 32,  # objects in flight: an ack asked for every 16 (half)
+    # an ack is asked for every half window, with every checkpoint, and at the end of a burst
+    # once its oldest object has waited this long (downlinks are scarce)
+    "lora_ack_delay_ms": 300000,
     "lora_coalesce_ms": 30000,  # a small record waits at most this long for others to share
     # its frame (never an alarm)
     "lora_rx_margin_ms": 0,  # receive window margin; 0 = the board's (unix 60, stm32 20)

@@ -85,7 +85,8 @@ class Delivery:
         lora = getattr(self.radio, "asks_acks", False)
         self.link = Link(self.outbox, [self.radio], Cum2Acks(self.acks),
                          window=self.cfg["lora_link_window" if lora else "link_window"],
-                         coalesce_ms=self.cfg["lora_coalesce_ms"] if lora else 0)
+                         coalesce_ms=self.cfg["lora_coalesce_ms"] if lora else 0,
+                         ask_delay_ms=self.cfg["lora_ack_delay_ms"] if lora else 0)
         self._announce()
         return ep
 

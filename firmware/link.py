@@ -30,8 +30,11 @@
 # after an uplink, about 10 a day on public networks; the radio says so with
 # `asks_acks = True`), the link ASKS for acks (header flag bit 0) and the server acks only
 # then (or when much is pending):
-#   - it asks when half the window has been sent since the last ask, at the end of a burst
-#     (nothing more to send now), and on every retransmission;
+#   - it asks when half the window has been sent since the last ask, in a frame that
+#     completes a checkpoint (the chain is then provable up to it), at the end of a burst
+#     (nothing more to send now) once its oldest object has waited ask_delay_ms, and on
+#     every retransmission (an object sent without an ask goes again, asking, after
+#     2 x ask_delay_ms at the latest);
 #   - an ack can only come in the windows of an uplink, so the ack deadlines start at an
 #     asking frame: all objects in flight are due rto after it, rto = max(rto_ms,
 #     radio.ack_timeout_ms(n)) (the frame's time on air, both receive windows and a margin);
@@ -60,6 +63,7 @@ _DEBUG = const(False)
 
 VERSION = const(1)
 _HDR = const(0x10)  # VERSION << 4, flags 0
+_KIND_CHECKPOINT = const(2)  # a frame completing a checkpoint asks (asks_acks radios)
 ACK_REQUESTED = const(0x01)  # header flag bit 0: the module asks for an ack now
 _FRAG = const(0x80)
 _KIND_MASK = const(0x7F)
@@ -139,6 +143,7 @@ class Link:
         send_timeout_ms=_SEND_TIMEOUT_MS,
         clock=time.ticks_ms,
         coalesce_ms=0,
+        ask_delay_ms=0,
     ):
         if not isinstance(radios, (list, tuple)):
             radios = [radios]
@@ -154,6 +159,8 @@ class Link:
         self.send_timeout_ms = send_timeout_ms
         self.clock = clock
         self.coalesce_ms = coalesce_ms
+        self.ask_delay_ms = ask_delay_ms
+        self._unasked_since = 0  # when the first object sent since the last ask went out
         self._held_since = None  # when a not-full frame of new objects was first held back
         self._hurry = False  # an urgent object is pending: no coalescing
         self._since_ask = 0  # objects sent since the last frame that asked for an ack
@@ -357,6 +364,7 @@ class Link:
         ob = self.outbox
         done = 0  # objects whose last byte went into this frame
         resent = False
+        signed = False  # a checkpoint completed in this frame
         while True:
             # 1. the rest of a fragmented object, 2. an overdue one, 3. a new one
             i = self._cont
@@ -414,9 +422,13 @@ class Link:
             if end == len(e.data):
                 self._tries[i] += 1
                 done += 1
+                if e.kind == _KIND_CHECKPOINT:
+                    signed = True
                 if asks:
-                    # No ack can come for it before an asking frame: that one arms it.
-                    self._due[i] = time.ticks_add(now, _PARK_MS)
+                    # No ack can come for it before an asking frame: that one arms it (at
+                    # the latest it goes again, asking, ask_delay_ms after it was sent).
+                    self._due[i] = time.ticks_add(
+                        now, 2 * self.ask_delay_ms if self.ask_delay_ms else _PARK_MS)
                 else:
                     self._due[i] = time.ticks_add(now, self._backoff(self._tries[i]))
                 self._cont = -1
@@ -430,13 +442,18 @@ class Link:
             return None
         self._held_since = None
         if asks:
+            if done and not self._since_ask:
+                self._unasked_since = now
             self._since_ask += done
             more = self._cont >= 0 or self._priority >= 0 or self._due_slot(now, None) >= 0 \
                 or (self._nused < self.window and ob.next_entry(self._next_pos) is not None)
             if not more:
                 self._hurry = False
-            if resent or self._since_ask >= (self.window + 1) // 2 or (
-                    not more and self._since_ask > 0):
+            # The end of a burst asks once its oldest object has waited ask_delay_ms (0:
+            # always): in steady state the half window and the checkpoints set the pace.
+            idle = not more and self._since_ask > 0 and time.ticks_diff(
+                now, self._unasked_since) >= self.ask_delay_ms
+            if resent or signed or self._since_ask >= (self.window + 1) // 2 or idle:
                 buf[0] |= ACK_REQUESTED
                 self.stats["ack_requests"] += 1
                 self._since_ask = 0

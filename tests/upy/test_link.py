@@ -639,3 +639,40 @@ def test_lora_coalescing_waits_but_never_for_an_alarm():
             raise AssertionError(link.stats)
     finally:
         rmtree(d)
+
+
+def test_lora_steady_state_asks_at_checkpoints_and_half_window_not_every_burst():
+    d = tmpdir("ll")
+    try:
+        ob = Outbox(d + "/ob", **CFG)
+        ob.recover()
+        sim = Sim()
+        radio = LoraSimRadio("lora", 222, sim)
+        link = Link(ob, radio, FakeOpener(), window=32, rto_ms=1000, rto_max_ms=600_000,
+                    ask_delay_ms=300_000)
+        server = AskingServer()
+        asks = 0
+        t = 0
+        ob.append(0, 5, 0, obj(0, 5, 0, 100))
+        for seq in range(1, 41):  # a record every 10 s, each burst one frame
+            ob.append(2 if seq % 16 == 0 else 1, 5, seq, obj(1, 5, seq))
+            f = bytes(link.build_frame(radio, t))
+            asks += f[0] & 1
+            ack = server.receive(f)  # acks only what asks, in the frame's windows
+            if ack is not None:
+                link.on_downlink(ack)
+            t += 10_000
+        if link.stats["retransmissions"]:
+            raise AssertionError(link.stats)
+        # half a window (objects 0-15), the checkpoints 16 and 32: three asks for 41 objects,
+        # no end-of-burst ask (every burst younger than 5 min)
+        if asks != 3 or link.stats["ack_requests"] != 3 or server.asked != 3:
+            raise AssertionError((asks, link.stats))
+        # Nothing more comes: the objects not covered go again, asking, after 2 x the delay.
+        if link.build_frame(radio, t + 100_000) is not None:
+            raise AssertionError("resent early")
+        f = link.build_frame(radio, t + 600_000)
+        if f is None or not f[0] & 1:
+            raise AssertionError("the tail was never asked for")
+    finally:
+        rmtree(d)
