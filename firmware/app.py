@@ -346,7 +346,10 @@ def build(cfg):
     if cfg["identity"]:
         if cfg["radio"] == "lora":
             import drivers.lorawan.device  # noqa: F401
+            import drivers.lorawan.store  # noqa: F401
             import drivers.radio.lora  # noqa: F401
+
+            board.lora_modem_module()  # the modem driver's code, counted in MEM_CODE too
         else:
             import drivers.radio.ltem  # noqa: F401 - imported now so MEM_CODE counts it
         import drivers.stsafe  # noqa: F401

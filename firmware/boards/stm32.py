@@ -70,5 +70,9 @@ def lora_modem(cfg):
                        dio2_rf_sw=True)
 
 
+def lora_modem_module():
+    import lora  # noqa: F401 - micropython-lib's modem package (frozen on the board)
+
+
 def lora_rx_margin_ms():
     return 20  # crystal-driven RTC; LoRaMac-node's system max rx error is 10 ms

@@ -46,6 +46,10 @@ def lora_modem(cfg):
     return UdpModem("127.0.0.1", cfg["lora_medium_port"])
 
 
+def lora_modem_module():
+    import drivers.unix.lora_udp  # noqa: F401
+
+
 def lora_rx_margin_ms():
     return 60  # a process's scheduling noise (drivers/lorawan/device.py)
 
