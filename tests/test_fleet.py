@@ -10,6 +10,7 @@ SimModule acks that must be refused, so the fleet's own checks are known to bite
 
 import datetime
 import json
+import select
 import sqlite3
 import subprocess
 import sys
@@ -127,6 +128,8 @@ def test_fleet_of_200_against_serene_server_stores_everything_exactly_once(fleet
                                         "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     procs.append(server)
+    ready, _, _ = select.select([server.stdout], [], [], 60)  # bounded: a stuck start fails
+    assert ready, "serene server printed nothing in 60 s"
     line = server.stdout.readline()
     assert line.startswith("serene server: %d registered devices" % N), line
     out = tmp_path / "fleet.json"
@@ -148,6 +151,9 @@ def test_fleet_of_200_against_serene_server_stores_everything_exactly_once(fleet
     assert rep["objects_acked"] == sum(s + 1 for s in sent.values())
     assert all(d["cum"] == d["last_seq"] and d["unacked"] == 0 for d in rep["devices"].values())
     assert rep["ack_latency_ms"]["p95"] is not None
+    kinds = rep["ack_latency_ms_by_kind"]
+    assert kinds["epoch"]["n"] == N and kinds["record"]["n"] >= 9 * N
+    assert sum(k["n"] for k in kinds.values()) == rep["objects_acked"]
 
     _stop(server)
     db = sqlite3.connect("file:%s?mode=ro" % (fleet_home / "server" / "ingest.sqlite3"),

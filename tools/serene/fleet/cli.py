@@ -111,10 +111,13 @@ def run(args):
     I.save_state(home, state)
     lat = report["ack_latency_ms"]
     errs = ", ".join("%s %d" % kv for kv in sorted(report["errors"].items()) if kv[1]) or "none"
+    kinds = report["ack_latency_ms_by_kind"]
     print("serene fleet: %d objects sent, %d acknowledged (stored) in %.1f s: %s objects/s; "
-          "ack latency p50 %s ms, p95 %s ms, p99 %s ms; errors: %s"
+          "ack latency p50 %s ms, p95 %s ms, p99 %s ms (p95 of epoch records %s ms, of records "
+          "%s ms); errors: %s"
           % (report["objects_sent"], report["objects_acked"], report["run_s"],
-             report["objects_per_s"], lat["p50"], lat["p95"], lat["p99"], errs), flush=True)
+             report["objects_per_s"], lat["p50"], lat["p95"], lat["p99"], kinds["epoch"]["p95"],
+             kinds["record"]["p95"], errs), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     bad = report["lost"] or report["errors"]["acks_claiming_unsent"] or \

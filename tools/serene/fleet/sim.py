@@ -75,7 +75,9 @@ class SimModule:
         self.records = 0
         self.send_until = None
         self.finished = False  # stopped producing; closing checkpoint made
-        self.acked = set()  # seqs acknowledged above cum (from bitmaps) not yet under cum
+        self.done = False  # closed and acknowledged, or gave up: counted once in fleet.n_done
+        self.gave_up = False
+        self.rto_at = None  # when its earliest retransmission timer fires (the fleet's heap)
 
     # --- objects -----------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class SimModule:
             cs, cp = self.checkpoint(close=True)
             self.send_new([(cs, K_CHECKPOINT, cp)], now)
         self.finished = "closed"
+        self.fleet.check_done(self)
 
     # --- link layer ---------------------------------------------------------------------
 
@@ -155,6 +158,7 @@ class SimModule:
             self.outbox[seq] = [kind, data, now, now, rto]
         self.fleet.pending.add(self.idx)
         self.fleet.objects_sent += len(objs)
+        self.arm(now + rto)
         self.publish([(seq, kind, data) for seq, kind, data in objs])
 
     def publish(self, objs):
@@ -180,6 +184,12 @@ class SimModule:
                 self.fleet.errors["publish_failed"] += 1
             self.fleet.frames_sent += 1
 
+    def arm(self, t):
+        """Make sure a retransmission timer fires at t at the latest."""
+        if self.rto_at is None or t < self.rto_at:
+            self.rto_at = t
+            self.fleet._at(t, "rto", self)
+
     def retransmit_due(self, now):
         due = []
         for seq, ob in self.outbox.items():
@@ -191,6 +201,8 @@ class SimModule:
             self.fleet.errors["timeouts"] += 1
             self.fleet.errors["retransmissions"] += len(due)
             self.publish(sorted(due))
+        if self.outbox:
+            self.arm(min(ob[3] + ob[4] for ob in self.outbox.values()))
 
     def resend_all(self, now):
         if self.outbox:
@@ -243,11 +255,13 @@ class SimModule:
         for s in newly:
             ob = self.outbox.pop(s)
             f.latencies.append(now - ob[2])
+            f.latencies_by_kind[ob[0]].append(now - ob[2])
         f.objects_acked += len(newly)
         f.last_ack_at = now
         self.cum = cum
         if not self.outbox:
             f.pending.discard(self.idx)
+            f.check_done(self)
         if cum >= 0 and self.next_seq == 1 and self.send_until is None:
             f.started(self, now)
 
@@ -278,6 +292,10 @@ class Fleet:
         self.pending = set()
         self.errors = collections.Counter({k: 0 for k in ERRORS})
         self.latencies = []
+        self.latencies_by_kind = {K_EPOCH: [], K_RECORD: [], K_CHECKPOINT: []}
+        self.n_done = self.n_gave_up = 0
+        self._n = 0  # heap tie-breaker
+        self.stopping = False
         self.bad_claims = []
         self.objects_sent = self.objects_acked = self.frames_sent = self.acks_received = 0
         self.first_send_at = self.last_ack_at = None
@@ -326,7 +344,7 @@ class Fleet:
         if reason.is_failure:
             self.errors["connect_refused"] += 1
             self.refused_reasons[str(reason)] += 1
-            m.gave_up = True
+            self.give_up(m)
             return
         m.connected = True
         self.connected += 1
@@ -363,6 +381,17 @@ class Fleet:
         heapq.heappush(self.heap, (t, self._n, what, m))
         self._n += 1
 
+    def give_up(self, m):
+        if not m.gave_up:
+            m.gave_up = True
+            self.n_gave_up += 1
+            self.check_done(m)
+
+    def check_done(self, m):
+        if not m.done and (m.gave_up or (m.finished == "closed" and not m.outbox)):
+            m.done = True
+            self.n_done += 1
+
     def started(self, m, now):
         """m's epoch record is acknowledged: it produces records from now on."""
         if self.first_send_at is None:
@@ -381,7 +410,7 @@ class Fleet:
             except OSError as e:
                 self.errors["connect_refused"] += 1
                 self.refused_reasons[type(e).__name__] += 1
-                m.gave_up = True
+                self.give_up(m)
         elif what == "reconnect":
             if not self.stopping:
                 try:
@@ -396,6 +425,14 @@ class Fleet:
                 return
             m.produce(now)
             self._at(max(now, self._t_next(m, now)), "produce", m)
+        elif what == "rto":
+            if m.rto_at is not None and now >= m.rto_at:
+                m.rto_at = None
+                if m.subscribed:
+                    m.retransmit_due(now)
+                elif m.outbox:
+                    self._at(now + 0.5, "rto", m)  # sent again once reconnected
+                    m.rto_at = now + 0.5
         elif what == "finish":
             m.finish(now)
             if m.finished != "closed" and not self.stopping:
@@ -407,13 +444,10 @@ class Fleet:
     # --- the loop --------------------------------------------------------------------
 
     def run(self):
-        self._n = 0
-        self.stopping = False
         self.refused_reasons = collections.Counter()
         self.disconnect_reasons = collections.Counter()
         t0 = time.monotonic()
         for i, m in enumerate(self.mods):
-            m.gave_up = False
             self._at(t0 + i / self.connect_rate, "connect", m)
         connect_s = len(self.mods) / self.connect_rate
         # Bounded: connecting, the epoch acks, S seconds of records, then the drain.
@@ -426,18 +460,13 @@ class Fleet:
             while self.heap and self.heap[0][0] <= now:
                 _, _, what, m = heapq.heappop(self.heap)
                 self._event(what, m, now)
-            if now >= next_sweep:
-                for idx in list(self.pending):
-                    m = self.mods[idx]
-                    if m.subscribed:
-                        m.retransmit_due(now)
+            if now >= next_sweep:  # keepalives, a slice of the clients at a time
                 next_sweep = now + 0.1
                 for m in self.mods[misc_i:misc_i + loop_misc_slice]:
                     if m.client is not None:
                         m.client.loop_misc()
                 misc_i = (misc_i + loop_misc_slice) % len(self.mods)
-            if connected_at is None and self.connected + sum(m.gave_up for m in self.mods) \
-                    >= len(self.mods):
+            if connected_at is None and self.connected + self.n_gave_up >= len(self.mods):
                 connected_at = now
                 self.log("serene fleet: %d connected in %.1f s" % (self.connected, now - t0))
             if now >= next_print:
@@ -445,9 +474,7 @@ class Fleet:
                          % (now - t0, self.connected, self.objects_sent, self.objects_acked,
                             len(self.pending)))
                 next_print = now + 5.0
-            done = all(m.finished == "closed" or m.gave_up for m in self.mods) \
-                and not self.pending
-            if done or now >= hard_end:
+            if self.n_done >= len(self.mods) or now >= hard_end:
                 break
             nxt = min(self.heap[0][0] if self.heap else now + 0.05, next_sweep)
             timeout = min(max(0.0, nxt - now), 0.05)
@@ -487,12 +514,15 @@ class Fleet:
         self.sel.close()
 
     def _report(self, t0, t_end, connected_at):
-        lat = sorted(self.latencies)
-
-        def pct(p):
+        def pct(lat, p):
             if not lat:
                 return None
             return round(lat[min(len(lat) - 1, int(p / 100.0 * len(lat)))] * 1e3, 2)
+
+        def dist(xs):
+            xs = sorted(xs)
+            return {"n": len(xs), "p50": pct(xs, 50), "p95": pct(xs, 95), "p99": pct(xs, 99),
+                    "max": round(xs[-1] * 1e3, 2) if xs else None}
 
         span = (self.last_ack_at - self.first_send_at) if self.last_ack_at and \
             self.first_send_at else 0.0
@@ -509,8 +539,12 @@ class Fleet:
             "frames_sent": self.frames_sent,
             "acks_received": self.acks_received,
             "objects_per_s": round(self.objects_acked / span, 1) if span > 0 else None,
-            "ack_latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
-                               "max": round(lat[-1] * 1e3, 2) if lat else None},
+            "ack_latency_ms": dist(self.latencies),
+            # The epoch records come in a burst at connection (each costs the server an ECDH
+            # and a certificate check): their latency apart from the steady records'.
+            "ack_latency_ms_by_kind": {name: dist(self.latencies_by_kind[k]) for k, name in
+                                       ((K_EPOCH, "epoch"), (K_RECORD, "record"),
+                                        (K_CHECKPOINT, "checkpoint"))},
             "errors": dict(self.errors),
             "refused_reasons": dict(self.refused_reasons),
             "disconnect_reasons": dict(self.disconnect_reasons),
