@@ -100,6 +100,19 @@ def test_uplink_bandwidth_is_the_token_bucket_rate(server):
 
 
 @pytest.mark.parametrize("server", ["echo"], indirect=True)
+def test_a_packet_after_an_idle_spell_still_takes_its_serialisation_time(server):
+    # 1,000 bytes at 100 kbit/s up and down: 80 ms each way, however idle the link was.
+    with LinkEmulator(server, rtt_ms=0, jitter_ms=0, up_bps=100_000, down_bps=100_000) as emu:
+        with _conn(emu.port) as s:
+            time.sleep(0.3)
+            rtt, got = _rtt(s, b"y" * 1000)
+        st = emu.stats()
+    assert got == b"y" * 1000
+    assert 150 <= rtt <= 260, rtt
+    assert st["up_at_capacity_s"] == pytest.approx(0.08)
+
+
+@pytest.mark.parametrize("server", ["echo"], indirect=True)
 def test_scheduled_stall_holds_both_directions_and_is_deducted_from_capacity(server):
     with LinkEmulator(server, rtt_ms=10, jitter_ms=0, up_bps=0, down_bps=0,
                       stall_at=[(0.3, 1.0)]) as emu:

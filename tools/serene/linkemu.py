@@ -15,8 +15,8 @@ in userspace. Each direction of each TCP connection is a pipe:
   previous one's)): jitter never reorders bytes within a TCP stream, as on a real link where
   TCP hands bytes to the application in order.
 - Bandwidth: a token bucket per direction, shared by all connections (one radio), filled at
-  up_bps / down_bps bits per second, at most `burst` bytes deep (default one CHUNK: hardly any
-  burst above the rate). Defaults: 375 kbit/s up (3GPP TS 36.306 UE category M1, HD-FDD peak
+  up_bps / down_bps bits per second, `burst` bytes deep; burst 0 (the default) is a
+  serialiser: each chunk holds the link n / rate seconds, idle or not. Defaults: 375 kbit/s up (3GPP TS 36.306 UE category M1, HD-FDD peak
   uplink), 300 kbit/s down (the category's HD-FDD downlink peak).
 - A bounded buffer per pipe (buffer_bytes, default 64 KiB, a modem's queue): when it is full
   the proxy stops reading, so the sender's TCP sees backpressure as it would from a radio.
@@ -27,8 +27,8 @@ in userspace. Each direction of each TCP connection is a pipe:
   from a seeded generator), and a manual gate (hold() / release()).
 - Counters (stats()): bytes and chunks each way, MQTT packets by type each way (the stream is
   split on MQTT 3.1.1 fixed headers; per-packet sizes let a caller add a TCP/IP overhead
-  estimate), time at capacity (seconds the bucket was the bottleneck: a chunk waited for
-  tokens), time stalled, connections.
+  estimate), time at capacity (*_at_capacity_s: seconds the link spent sending, n / rate a
+  chunk; *_queued_s: seconds chunks waited behind others), time stalled, connections.
 - capacity_bytes(seconds): what the link can carry in `seconds` from start() (or from `t0`,
   seconds since start()), stalls deducted: the ceiling a drain is compared with.
 
@@ -118,21 +118,34 @@ class MqttSplitter:
 
 
 class _Bucket:
-    """Token bucket on bytes (one per direction): refilled at rate bytes/s, `burst` deep."""
+    """The bandwidth of one direction: a token bucket on bytes, filled at rate bytes/s and
+    `burst` bytes deep. burst = 0 (the default): a serialiser, each chunk holds the link for
+    n / rate seconds even after an idle spell (a 1,000-byte packet takes 21 ms at 375 kbit/s
+    however long the radio was quiet), as a radio's air interface does."""
 
     def __init__(self, rate_bps, burst):
         self.rate = rate_bps / 8.0 if rate_bps else 0.0  # bytes per second; 0 = unlimited
         self.burst = burst
         self.tokens = float(burst)
         self.t = time.monotonic()
-        self.busy_s = 0.0  # time at capacity: a chunk waited for tokens
+        self.free_at = 0.0  # serialiser: when the link has finished the bytes it took
+        self.busy_s = 0.0  # time at capacity: seconds the link spent sending (n / rate)
+        self.queued_s = 0.0  # seconds chunks waited behind others (the link was the bottleneck)
         self.lock = asyncio.Lock()
 
     async def take(self, n, emu):
+        await emu._wait_stall()
         if not self.rate:
-            await emu._wait_stall()
             return
         async with self.lock:  # one radio: connections queue for it in turn
+            if not self.burst:
+                now = time.monotonic()
+                start = max(now, self.free_at)
+                self.queued_s += start - now
+                self.busy_s += n / self.rate
+                self.free_at = start + n / self.rate
+                await asyncio.sleep(self.free_at - now)
+                return
             left = n
             while left > 0:
                 await emu._wait_stall()
@@ -143,16 +156,17 @@ class _Bucket:
                 if self.tokens >= k:
                     self.tokens -= k
                     left -= k
+                    self.busy_s += k / self.rate
                     continue
                 wait = (k - self.tokens) / self.rate
-                self.busy_s += wait
+                self.queued_s += wait
                 await asyncio.sleep(wait)
 
 
 class LinkEmulator:
     def __init__(self, target_port, target_host="127.0.0.1", listen_port=0,
                  listen_host="127.0.0.1", rtt_ms=150.0, jitter_ms=20.0, up_bps=375_000,
-                 down_bps=300_000, burst=CHUNK, buffer_bytes=65536, stall_at=(),
+                 down_bps=300_000, burst=0, buffer_bytes=65536, stall_at=(),
                  stall_every_s=0.0, stall_s=0.0, random_stall_per_s=0.0, random_stall_s=2.0,
                  seed=1, mqtt=True):
         """up_bps / down_bps: bits per second, 0 = unlimited. rtt_ms: the round trip the link
@@ -180,6 +194,7 @@ class LinkEmulator:
         self._hold_since = None
         self._manual = []  # [(start, end)] of manual holds, from start()
         self.t0 = None
+        self.wall_t0 = None
         self.port = None
         self.loop = None
         self._thread = None
@@ -220,6 +235,7 @@ class LinkEmulator:
         self._server = await asyncio.start_server(self._accept, *self.listen)
         self.port = self._server.sockets[0].getsockname()[1]
         self.t0 = time.monotonic()
+        self.wall_t0 = time.time()  # the same instant on the wall clock (server timestamps)
         self._ready.set()
         await self._stop_ev.wait()
         self._server.close()
@@ -331,8 +347,9 @@ class LinkEmulator:
         out["elapsed_s"] = now
         out["stalled_s"] = self.stalled_s(0.0, now)
         if self._buckets:
-            out["up_at_capacity_s"] = self._buckets["up"].busy_s
-            out["down_at_capacity_s"] = self._buckets["down"].busy_s
+            for d in ("up", "down"):
+                out["%s_at_capacity_s" % d] = self._buckets[d].busy_s
+                out["%s_queued_s" % d] = self._buckets[d].queued_s
         for d, sp in self.split.items():
             out["%s_mqtt_packets" % d] = dict(sp.by_type)
             out["%s_mqtt_bytes" % d] = dict(sp.sizes)
