@@ -173,7 +173,7 @@ def drain(mode, chain, mpy, base, work, snapshot, backlog, emu_args):
     return out
 
 
-def limits(e, backlog):
+def limits(e, backlog, window, loopback=None):
     """What bounds the emulated drain, from its measurements."""
     rtt_s = e["link"]["rtt_ms"] / 1000
     up = e["link"]["up_bps"] / 8
@@ -184,8 +184,17 @@ def limits(e, backlog):
     serial_s = (pub_b + 52) / up
     per_frame_s = e["seconds"] / frames
     ceiling_one_per_rtt = (pub_b + 52) / (rtt_s + serial_s) / up  # ratio, IP level
-    return {
-        "frames_per_s": frames / e["seconds"],
+    obj_b = e["link_bytes"] / max(1, e["link_objects"])  # link bytes an object
+    ip_per_obj = (pub_b + 52) / (e["link_objects"] / frames)  # IP bytes an object
+    # Pipelined frames: `window` objects in flight per ack loop (a frame's round trip + its
+    # serialisation + the server's turn: at least the measured time a frame takes today).
+    window_ceiling = window * ip_per_obj / per_frame_s / up
+    out = {
+        "window_objects": window,
+        "window_bytes": window * obj_b,
+        "window_ceiling_ratio": window_ceiling,
+        "window_needed_for_90pct": 0.9 * up * per_frame_s / ip_per_obj,
+        "link_bytes_per_object": obj_b,
         "seconds_per_frame_ms": per_frame_s * 1000,
         "frame_bytes_mean": frame_b,
         "objects_per_frame": e["link_objects"] / frames,
@@ -196,6 +205,10 @@ def limits(e, backlog):
         "frame_overhead_pct": 100 * (pub_b + 52 - frame_b) / (pub_b + 52),
         "bytes_in_flight_needed": up * rtt_s,
     }
+    if loopback:
+        # The firmware, broker and server on this host without any link: their own ceiling.
+        out["loopback_ratio"] = (loopback["link_bytes_per_s"] * (pub_b + 52) / frame_b) / up
+    return out
 
 
 def main():
@@ -254,7 +267,8 @@ def main():
                   r["link_frames"], r["retransmissions"], r["acks"], r["radio_block_max_ms"]),
               flush=True)
     e = out["emulated"]
-    lim = out["limits"] = limits(e, bl)
+    window = args.window or 64  # firmware/config.py link_window
+    lim = out["limits"] = limits(e, bl, window, out.get("loopback"))
     cap_bps = e["link"]["up_bps"]
     print("link       rtt %g +- %g ms, up %g kbit/s, down %g kbit/s: capacity %.0f bytes "
           "in %.1f s (%.0f B/s)" % (args.rtt_ms, args.jitter_ms, args.up_kbps,
@@ -284,6 +298,15 @@ def main():
              lim["objects_per_frame"], lim["frame_bytes_mean"],
              100 * lim["one_frame_per_rtt_ceiling_ratio"], lim["bytes_in_flight_needed"]),
           flush=True)
+    print("limits     the window: %d objects (%.0f bytes) in flight per ack loop of >= %.0f ms "
+          "would cap a pipelined drain at %.0f %%; >= 90 %% needs ~%.0f objects in flight; "
+          "MQTT + TCP/IP take %.1f %% of each frame's IP bytes" % (
+              lim["window_objects"], lim["window_bytes"], lim["seconds_per_frame_ms"],
+              100 * lim["window_ceiling_ratio"], lim["window_needed_for_90pct"],
+              lim["frame_overhead_pct"]), flush=True)
+    if "loopback_ratio" in lim:
+        print("limits     this host's own ceiling (loopback drain, IP bytes): %.0f %% of the "
+              "emulated link's capacity" % (100 * lim["loopback_ratio"]), flush=True)
     print("machine: %s (end)" % load(), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
