@@ -3,7 +3,8 @@
 # loopback drain of the same backlog beside it, in one run.
 #
 #   .venv/bin/python tests/bench/bench_drain.py [--backlog N] [--rtt-ms 150] [--jitter-ms 20]
-#       [--up-kbps 375] [--down-kbps 300] [--window W] [--skip-loopback] [--json FILE]
+#       [--up-kbps 375] [--down-kbps 300] [--stall-every-s 60 --stall-s 2] [--window W]
+#       [--skip-loopback] [--json FILE]
 #
 # The whole firmware (from .mpy, unix port) through the real chain (STSAFE emulator on the I2C
 # bridge, Mosquitto on loopback, the medical server storing in SQLite).
@@ -218,6 +219,9 @@ def main():
     ap.add_argument("--jitter-ms", type=float, default=20.0)
     ap.add_argument("--up-kbps", type=float, default=375.0)
     ap.add_argument("--down-kbps", type=float, default=300.0)
+    ap.add_argument("--stall-every-s", type=float, default=0.0,
+                    help="emulated link: a stall this often (0 = none)")
+    ap.add_argument("--stall-s", type=float, default=2.0, help="... lasting this long")
     ap.add_argument("--window", type=int, default=0, help="link_window (0 = the default)")
     ap.add_argument("--skip-loopback", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -228,7 +232,9 @@ def main():
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-drain-"))
     mpy = upy.compile_tree(work / "mpy")
     emu_args = {"rtt_ms": args.rtt_ms, "jitter_ms": args.jitter_ms,
-                "up_bps": int(args.up_kbps * 1000), "down_bps": int(args.down_kbps * 1000)}
+                "up_bps": int(args.up_kbps * 1000), "down_bps": int(args.down_kbps * 1000),
+                "stall_every_s": args.stall_every_s,
+                "stall_s": args.stall_s if args.stall_every_s else 0.0}
     out = {"command": COMMAND, "load_start": os.getloadavg()}
     sim = PumpSimulator(scenario="normal-feed", speed=1.0)
     sim.start()
@@ -270,10 +276,11 @@ def main():
     window = args.window or 64  # firmware/config.py link_window
     lim = out["limits"] = limits(e, bl, window, out.get("loopback"))
     cap_bps = e["link"]["up_bps"]
-    print("link       rtt %g +- %g ms, up %g kbit/s, down %g kbit/s: capacity %.0f bytes "
-          "in %.1f s (%.0f B/s)" % (args.rtt_ms, args.jitter_ms, args.up_kbps,
-                                    args.down_kbps, e["capacity_bytes"], e["seconds"],
-                                    cap_bps / 8), flush=True)
+    print("link       rtt %g +- %g ms, up %g kbit/s, down %g kbit/s, stalls %s: capacity %.0f "
+          "bytes in %.1f s (%.0f B/s, stalls deducted)" % (
+              args.rtt_ms, args.jitter_ms, args.up_kbps, args.down_kbps,
+              "%g s every %g s" % (args.stall_s, args.stall_every_s) if args.stall_every_s
+              else "none", e["capacity_bytes"], e["seconds"], cap_bps / 8), flush=True)
     print("crossed    up %d MQTT bytes (%s) + ~%d TCP/IP = ~%d; down %d MQTT bytes (%s)"
           % (e["up_mqtt_bytes"], e["up_mqtt_packets"], e["up_ip_bytes_est"] - e["up_mqtt_bytes"],
              e["up_ip_bytes_est"], e["down_mqtt_bytes"], e["down_mqtt_packets"]), flush=True)
