@@ -2,24 +2,24 @@
 record at the end of an epoch, a deleted checkpoint, a swapped pair of records, a stored
 record whose kid was added, a deleted closing checkpoint: each is named."""
 
-import sqlite3
-
 import pytest
 
 from serene.server import audit
 from serene.server.ingest import Ingest
-from serene.server.store import Store, db_path
+from serene.server.store import Store, db_url
 from serene.verifier import from_home
 from test_server import (DEV, EPOCH, K_CHECKPOINT, K_EPOCH, K_RECORD, Clock,  # noqa: F401
                          FakeModule, home, home_template, one_ack, up)
 from test_ingest_proof import with_kid
+
+pytestmark = pytest.mark.usefixtures("database")  # SQLite and PostgreSQL
 
 
 @pytest.fixture
 def chained(home):
     """Two epochs of DEV: epoch E with records 1..3, checkpoint 4, records 5..7 and closing
     checkpoint 8; epoch E+1 naming it, records 1..2 and checkpoint 3."""
-    ing = Ingest(from_home(home), Store(db_path(home)), clock=Clock())
+    ing = Ingest(from_home(home), Store(db_url(home)), clock=Clock())
     m = FakeModule(home, DEV)
     ing.handle(up(), m.frame((K_EPOCH, 0, m.new_epoch(EPOCH))))
     r = {s: m.record(s) for s in (1, 2, 3, 5, 6, 7)}
@@ -41,7 +41,7 @@ def chained(home):
 
 
 def tamper(home, *sql):
-    db = sqlite3.connect(db_path(home))
+    db = Store(db_url(home))
     for q in sql:
         db.execute(*q) if isinstance(q, tuple) else db.execute(q)
     db.commit()
@@ -81,7 +81,7 @@ def test_a_deleted_closing_checkpoint_and_the_records_before_it(chained):
 
 
 def test_a_swapped_pair_of_records(chained):
-    db = sqlite3.connect(db_path(chained))
+    db = Store(db_url(chained), readonly=True)
     a, b = (bytes(db.execute("SELECT sealed FROM objects WHERE epoch=? AND seq=?",
                              (EPOCH, s)).fetchone()[0]) for s in (2, 3))
     db.close()
@@ -93,7 +93,7 @@ def test_a_swapped_pair_of_records(chained):
 
 
 def test_a_stored_record_whose_kid_was_added(chained):
-    db = sqlite3.connect(db_path(chained))
+    db = Store(db_url(chained), readonly=True)
     a = bytes(db.execute("SELECT sealed FROM objects WHERE epoch=? AND seq=5",
                          (EPOCH,)).fetchone()[0])
     db.close()

@@ -10,17 +10,19 @@ import sqlite3
 import pytest
 
 from serene.server.ingest import Ingest, WorkerIdInUse
-from serene.server.store import Store, db_path
+from serene.server.store import Store, db_path, db_url
 from serene.verifier import from_home
 from test_server import (DEV, EPOCH, K_RECORD, Clock, FakeModule, home, home_template,  # noqa: F401
                          one_ack, started, up)
 
+pytestmark = pytest.mark.usefixtures("database")  # SQLite and PostgreSQL
+
 
 def make(home, clock, worker_id=0):
-    return Ingest(from_home(home), Store(db_path(home)), clock=clock, worker_id=worker_id)
+    return Ingest(from_home(home), Store(db_url(home)), clock=clock, worker_id=worker_id)
 
 
-def test_a_restored_backup_never_reuses_an_ack_nonce(home, tmp_path):
+def test_a_restored_backup_never_reuses_an_ack_nonce(home, tmp_path, database):
     clock = Clock()
     seen = collections.Counter()  # (epoch, piv) of every ack, across the whole test
     ing = make(home, clock)
@@ -34,16 +36,23 @@ def test_a_restored_backup_never_reuses_an_ack_nonce(home, tmp_path):
 
     for s in range(1, 6):
         ack(ing, s)
+    # an online backup, as an operator would take it (SQLite's backup API; pg_dump)
     backup = tmp_path / "backup.sqlite3"
-    dst = sqlite3.connect(backup)
-    ing.store.db.backup(dst)  # an online backup, as an operator would take it
-    dst.close()
+    if database.is_pg:
+        database.cluster.backup(database.dbname, backup)
+    else:
+        dst = sqlite3.connect(backup)
+        ing.store.conn.connection.dbapi_connection.backup(dst)
+        dst.close()
     after_backup = [ack(ing, s) for s in range(6, 12)]  # acks the backup knows nothing of
     ing.close()
-    path = db_path(home)
-    for suffix in ("-wal", "-shm"):
-        path.with_name(path.name + suffix).unlink(missing_ok=True)
-    shutil.copy(backup, path)  # restore
+    if database.is_pg:
+        database.cluster.restore(backup, database.dbname)
+    else:
+        path = db_path(home)
+        for suffix in ("-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        shutil.copy(backup, path)  # restore
     ing = make(home, clock)  # restart on the restored database
     try:
         # The restored database forgot seqs 6..11 and the PIVs of their acks: the module

@@ -10,12 +10,14 @@ import pytest
 
 from serene.server import report
 from serene.server.ingest import Ingest
-from serene.server.store import Store, db_path
+from serene.server.store import Store, db_url
 from serene.verifier import from_home
 from serene.verifier import protocol as vp
 from test_server import (DEV, EPOCH, K_CHECKPOINT, K_EPOCH, K_EVENT, K_RECORD, Clock,  # noqa: F401
                          FakeModule, clock, home, home_template, ingest, ledger, one_ack,
                          started, up)
+
+pytestmark = pytest.mark.usefixtures("database")  # SQLite and PostgreSQL
 
 
 def with_kid(sealed, epoch):
@@ -47,7 +49,7 @@ def test_the_stored_kind_comes_from_the_authenticated_object(home, ingest):
     r1, r2, r3 = m.record(1), m.record(2), m.record(3)
     # Relabelled as a checkpoint, an epoch record, a module event: stored as what it is.
     ingest.handle(up(), m.frame((K_CHECKPOINT, 1, r1), (K_EPOCH, 2, r2), (K_EVENT, 3, r3)))
-    rows = ingest.store.db.execute("SELECT seq, kind, fields FROM objects WHERE seq > 0 "
+    rows = ingest.store.execute("SELECT seq, kind, fields FROM objects WHERE seq > 0 "
                                    "ORDER BY seq").fetchall()
     assert [(s, k) for s, k, _ in rows] == [(1, "record"), (2, "record"), (3, "record")]
     assert all('"status"' in f for _, _, f in rows)
@@ -149,7 +151,7 @@ def test_an_epoch_record_with_a_bad_signature_is_cheap_and_budgeted(home, clock,
     """A device sending bad-signature epoch records is cut to a few verifications a second;
     a genuine module draining a 10,000-record backlog at 1,500 records/s with a checkpoint
     every 32 never meets the budget."""
-    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)
+    ing = Ingest(from_home(home), Store(db_url(home)), clock=clock)
     calls = []
     real = vp.verify_signed
     monkeypatch.setattr(vp, "verify_signed", lambda *a: (calls.append(1), real(*a))[1])
@@ -175,7 +177,7 @@ def test_an_epoch_record_with_a_bad_signature_is_cheap_and_budgeted(home, clock,
 
 
 def test_a_genuine_backlog_never_meets_the_work_budget(home, clock):
-    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)
+    ing = Ingest(from_home(home), Store(db_url(home)), clock=clock)
     try:
         m = FakeModule(home, DEV)
         clock.step = 0

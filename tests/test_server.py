@@ -24,7 +24,7 @@ from hypothesis import strategies as hs
 
 from serene import linkframe
 from serene.server.ingest import Ingest
-from serene.server.store import Store, db_path
+from serene.server.store import Store, db_path, db_url  # noqa: F401
 from serene.stsafe.provision import provision
 from serene.verifier import from_home
 from serene.verifier import protocol as vp
@@ -117,6 +117,10 @@ class FakeModule:
         return piv, acked, cum, bitmap
 
 
+#: every test runs on SQLite and on PostgreSQL (tests/conftest.py: database)
+pytestmark = pytest.mark.usefixtures("database")
+
+
 @pytest.fixture(scope="module")
 def home_template(tmp_path_factory):
     home = tmp_path_factory.mktemp("provisioned")
@@ -158,7 +162,7 @@ def clock():
 
 @pytest.fixture
 def ingest(home, clock):
-    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)
+    ing = Ingest(from_home(home), Store(db_url(home)), clock=clock)
     yield ing
     ing.close()
 
@@ -201,7 +205,7 @@ def test_objects_are_stored_once_with_sealed_bytes_and_fields(home, ingest):
     # Contract E: PIV = (tick << 4) | worker id, tick = 10 ms since 2025-01-01T00:00:00Z.
     assert piv1 & 0xF == 0 and piv2 > piv1
     assert abs((piv2 >> 4) / 100 + 1735689600 - ingest.clock.t) < 0.1
-    rows = ingest.store.db.execute(
+    rows = ingest.store.execute(
         "SELECT seq, kind, sealed, fields FROM objects WHERE device=? ORDER BY seq",
         (DEV,)).fetchall()
     assert [r[0] for r in rows] == [0, 1, 2, 3, 4, 5]
@@ -229,7 +233,7 @@ def test_same_object_twice_is_stored_once_and_counted_as_duplicate(home, ingest)
     assert len(set(pivs)) == 3 and pivs == sorted(pivs)
     # The epoch record again, this time with its certificate by reference: same epoch.
     ingest.handle(up(), m.frame((K_EPOCH, 0, m.epoch_record(by_value=False))))
-    assert ingest.store.db.execute("SELECT COUNT(*) FROM objects").fetchone()[0] == 2
+    assert ingest.store.execute("SELECT COUNT(*) FROM objects").fetchone()[0] == 2
     led = ledger(ingest)
     assert led["duplicates"] == 3 and led["epochs"][0]["duplicates"] == 3
     assert led["objects"] == 2 and led["rejected"] == 0
@@ -310,11 +314,11 @@ def test_fragmented_epoch_record_out_of_order_with_duplicates(home, ingest):
 
 
 def test_restart_keeps_keys_and_never_reuses_an_ack_nonce(home, clock):
-    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)
+    ing = Ingest(from_home(home), Store(db_url(home)), clock=clock)
     m = started(home, ing)
     piv1 = m.open_ack(one_ack(ing.handle(up(), m.frame((K_RECORD, 1, m.record(1))))))[0]
     ing.store.close()  # a crash: the lease is not released, its holder is gone
-    ing = Ingest(from_home(home), Store(db_path(home)), clock=clock)  # keys from the db
+    ing = Ingest(from_home(home), Store(db_url(home)), clock=clock)  # keys from the db
     try:
         piv2, _, cum, _ = m.open_ack(one_ack(ing.handle(up(), m.frame((K_RECORD, 2,
                                                                       m.record(2))))))
@@ -378,10 +382,10 @@ def test_malformed_uplinks_are_rejected_with_reasons_and_nothing_stops(home, ing
         ("serene/SRN-0001/down", m.frame((K_RECORD, 1, r1)), "bad topic"),
     ]
     for topic, payload, reason in cases:
-        before = dict(ingest.store.db.execute("SELECT reason, COUNT(*) FROM rejects GROUP BY "
+        before = dict(ingest.store.execute("SELECT reason, COUNT(*) FROM rejects GROUP BY "
                                               "reason"))
         assert ingest.handle(topic, payload) == [], reason
-        after = dict(ingest.store.db.execute("SELECT reason, COUNT(*) FROM rejects GROUP BY "
+        after = dict(ingest.store.execute("SELECT reason, COUNT(*) FROM rejects GROUP BY "
                                              "reason"))
         assert after.get(reason, 0) == before.get(reason, 0) + 1, (reason, after)
     # Nothing of it was stored; the genuine record still goes through.
@@ -438,9 +442,9 @@ def test_database_failure_is_an_internal_error_not_a_crash(home, ingest, monkeyp
             linkframe.Entry(k, s, d, len(d)) for k, s, d in es))))))
 def test_fuzzed_uplinks_never_stop_the_ingest(home_template, tmp_path_factory, payload):
     ing = _fuzz_ingest(home_template, tmp_path_factory)
-    n = ing.store.db.execute("SELECT COUNT(*) FROM rejects").fetchone()[0]
+    n = ing.store.execute("SELECT COUNT(*) FROM rejects").fetchone()[0]
     assert ing.handle(up(), payload) == []
-    assert ing.store.db.execute("SELECT COUNT(*) FROM rejects").fetchone()[0] > n
+    assert ing.store.execute("SELECT COUNT(*) FROM rejects").fetchone()[0] > n
     assert ing.store.seqs(DEV, EPOCH) == [0]
 
 
@@ -448,12 +452,16 @@ _FUZZ = {}
 
 
 def _fuzz_ingest(home_template, tmp_path_factory):
+    key = os.environ.get("SERENE_DB", "sqlite")  # one ingest per backend (and database)
+    if _FUZZ.get("key") != key:
+        _FUZZ.clear()
+        _FUZZ["key"] = key
     if "ing" not in _FUZZ:
         import shutil
 
         home = tmp_path_factory.mktemp("fuzz") / "home"
         shutil.copytree(home_template, home)
-        ing = Ingest(from_home(home), Store(db_path(home)))
+        ing = Ingest(from_home(home), Store(db_url(home)))
         started(home, ing)
         _FUZZ["ing"] = ing
     return _FUZZ["ing"]
@@ -492,10 +500,10 @@ def test_process_batches_and_a_failing_frame_loses_only_itself(home, ingest, mon
     acks3 = ingest.process(up(), m.frame((K_RECORD, 3, m.record(3))))
     ingest.refuse(DEV, "queue full", 300)
     # Nothing is durable before commit(): another connection sees only the epoch record.
-    other = Store(db_path(home), readonly=True)
-    assert [s for (s,) in other.db.execute("SELECT seq FROM objects")] == [0]
+    other = Store(db_url(home), readonly=True)
+    assert [s for (s,) in other.execute("SELECT seq FROM objects")] == [0]
     ingest.commit()
-    assert sorted(s for (s,) in other.db.execute("SELECT seq FROM objects")) == [0, 1, 3]
+    assert sorted(s for (s,) in other.execute("SELECT seq FROM objects")) == [0, 1, 3]
     other.close()
     assert calls and m.open_ack(one_ack(acks1))[1:] == (EPOCH, 1, 0)
     assert m.open_ack(one_ack(acks3))[1:][:2] == (EPOCH, 1)
@@ -511,16 +519,18 @@ def test_a_failed_commit_forgets_the_batch_so_no_later_ack_covers_it(home, inges
     class Boom(Exception):
         pass
 
-    real = ingest.store.db
-    ingest.store.db = type("DB", (), {  # a connection whose commit fails (disk full)
+    real = ingest.store.conn
+    ingest.store.conn = type("Conn", (), {  # a connection whose commit fails (disk full)
         "commit": lambda self: (_ for _ in ()).throw(Boom()),
         "rollback": lambda self: real.rollback(),
-        "execute": lambda self, *a: real.execute(*a),
-        "executemany": lambda self, *a: real.executemany(*a),
-        "in_transaction": property(lambda self: real.in_transaction)})()
+        "execute": lambda self, *a, **k: real.execute(*a, **k),
+        "begin_nested": lambda self: real.begin_nested(),
+        "begin": lambda self: real.begin(),
+        "connection": property(lambda self: real.connection),
+        "in_transaction": lambda self: real.in_transaction()})()
     with pytest.raises(Boom):
         ingest.commit()
-    ingest.store.db = real
+    ingest.store.conn = real
     assert ingest.store.seqs(DEV, EPOCH) == [0]
     # The next frame's ack does not claim record 1.
     acks = ingest.handle(up(), m.frame((K_RECORD, 2, m.record(2))))

@@ -21,6 +21,10 @@ from test_server import DEV, DEV2, EPOCH, K_EPOCH, K_RECORD, FakeModule
 
 SERENE = [sys.executable, "-m", "serene"]
 
+#: every test on SQLite and on PostgreSQL (tests/conftest.py: database; the subprocesses
+#: inherit SERENE_DB)
+pytestmark = pytest.mark.usefixtures("database")
+
 
 def provision_fake(home, devices):
     """provision(), with the registry's first epoch at the FakeModule's EPOCH (contract F: the
@@ -106,8 +110,10 @@ def test_server_cli_acks_over_mqtt_and_report_shows_the_ledger(server):
     assert "3 acks sent" in out and "4 uplinks processed" in out
 
 
-def test_report_and_server_errors_are_named(tmp_path):
-    res = serene("report", "--home", str(tmp_path), check=False)
+def test_report_and_server_errors_are_named(tmp_path, database):
+    # no SQLite file in the home / a PostgreSQL database that does not exist
+    missing = ["--db", database.url.rsplit("/", 1)[0] + "/missing"] if database.is_pg else []
+    res = serene("report", "--home", str(tmp_path), *missing, check=False)
     assert res.returncode == 1 and res.stderr.startswith("serene: no database")
     res = serene("server", "--home", str(tmp_path), "--duration", "1", check=False)
     assert res.returncode == 1 and "not provisioned" in res.stderr
@@ -142,14 +148,14 @@ def test_ltem_radio_through_the_server_and_back(upy, procs, tmp_path, server):
 def test_service_resubscribes_after_a_broker_restart(tmp_path):
     from serene.server.ingest import Ingest
     from serene.server.service import IngestService
-    from serene.server.store import Store, db_path
+    from serene.server.store import Store, db_url
     from serene.verifier import from_home
 
     home = tmp_path / "home"
     provision_fake(home, [DEV])
     with B.Broker(home, [DEV]) as brk:
         srv = brk.server_credentials()
-        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))),
+        svc = IngestService(lambda: Ingest(from_home(home), Store(db_url(home))),
                             brk.server_port, srv["username"], srv["password"]).start()
         try:
             m = FakeModule(home, DEV)
@@ -171,15 +177,13 @@ def test_service_resubscribes_after_a_broker_restart(tmp_path):
 
 
 def test_audit_proves_the_database_at_rest_and_finds_tampering(tmp_path):
-    import sqlite3
-
     from serene.server.ingest import Ingest
-    from serene.server.store import Store, db_path
+    from serene.server.store import Store, db_url
     from serene.verifier import from_home
 
     home = tmp_path / "home"
     provision_fake(home, [DEV])
-    ing = Ingest(from_home(home), Store(db_path(home)))
+    ing = Ingest(from_home(home), Store(db_url(home)))
     m = FakeModule(home, DEV)
     ing.handle("serene/%s/up" % DEV, m.frame((K_EPOCH, 0, m.new_epoch())))
     recs = {s: m.record(s) for s in range(1, 7)}
@@ -190,7 +194,7 @@ def test_audit_proves_the_database_at_rest_and_finds_tampering(tmp_path):
     a = json.loads(res.stdout)["audit"]
     assert a["ok"] and (a["epochs"], a["objects"], a["checkpoints"]) == (1, 8, 1)
 
-    db = sqlite3.connect(db_path(home))
+    db = Store(db_url(home))
     flipped = bytearray(recs[2])
     flipped[5] ^= 0x01
     db.execute("UPDATE objects SET sealed=? WHERE seq=2", (bytes(flipped),))
@@ -366,7 +370,7 @@ def test_firmware_delivery_path_drains_the_outbox_through_the_server(upy, tmp_pa
     from serene.i2c_bridge import I2CBridgeServer
     from serene.server.ingest import Ingest
     from serene.server.service import IngestService
-    from serene.server.store import Store, db_path
+    from serene.server.store import Store, db_url
     from serene.stsafe import profile
     from serene.stsafe.emulator import StsafeEmulator
     from serene.verifier import from_home
@@ -381,7 +385,7 @@ def test_firmware_delivery_path_drains_the_outbox_through_the_server(upy, tmp_pa
     with I2CBridgeServer({profile.I2C_ADDRESS: emu}).start() as bridge, \
             B.Broker(home, [DEV]) as brk:
         srv = brk.server_credentials()
-        svc = IngestService(lambda: Ingest(from_home(home), Store(db_path(home))),
+        svc = IngestService(lambda: Ingest(from_home(home), Store(db_url(home))),
                             brk.server_port, srv["username"], srv["password"]).start()
         try:
             creds = brk.credentials(DEV)
@@ -409,7 +413,7 @@ def test_firmware_delivery_path_drains_the_outbox_through_the_server(upy, tmp_pa
     sealed, done = lines["SEALED"], lines["DONE"]
     print("delivery:", json.dumps(done))
     assert done["left"] == 0, res.stdout
-    st = Store(db_path(home), readonly=True)
+    st = Store(db_url(home), readonly=True)
     try:
         d = st.device_ledger(DEV)
         recs = st.records(DEV)

@@ -15,7 +15,6 @@ is the time to the first downlink after it.
 import json
 import os
 import signal
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -178,9 +177,9 @@ class ServerProcess:
 
 
 def ledger(home, dev):
-    from serene.server.store import Store, db_path
+    from serene.server.store import Store, db_url
 
-    st = Store(db_path(home), readonly=True)
+    st = Store(db_url(home), readonly=True)
     try:
         return st.device_ledger(dev)
     finally:
@@ -188,11 +187,12 @@ def ledger(home, dev):
 
 
 def stored_rows(home, dev):
-    from serene.server.store import db_path
+    from serene.server.store import Store, db_url
 
-    db = sqlite3.connect("file:%s?mode=ro" % db_path(home), uri=True)
+    db = Store(db_url(home), readonly=True)
     try:
-        return db.execute("SELECT epoch, seq FROM objects WHERE device=?", (dev,)).fetchall()
+        return [tuple(r) for r in db.execute("SELECT epoch, seq FROM objects WHERE device=?",
+                                             (dev,))]
     finally:
         db.close()
 
@@ -254,6 +254,7 @@ def home(tmp_path):
     return home
 
 
+@pytest.mark.usefixtures("database")  # SQLite and PostgreSQL
 def test_a_qos1_flood_loses_nothing_silently(home, tmp_path):
     """Every uplink the broker accepted from a flooding device is in the ledger: processed (a
     named reject) or refused at intake ("queue full", "qos 0"), never silently gone."""
@@ -286,6 +287,7 @@ def test_a_qos1_flood_loses_nothing_silently(home, tmp_path):
             or led["rejects"].get("bad frame", 0) == r1["acked"])
 
 
+@pytest.mark.usefixtures("database")  # SQLite and PostgreSQL
 def test_server_killed_mid_flood_loses_nothing(home, tmp_path):
     """SIGKILL of the server while a flood keeps it busy and a module publishes: the broker
     holds every uplink not yet PUBACKed (the server acks only after its commit) and delivers

@@ -27,7 +27,7 @@ XSS = "<script>window.__xss=1</script>"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, database_module):  # SQLite, then PostgreSQL
     home = provision_home(tmp_path_factory.mktemp("webapp"), DEVS)
     t = time.time()
     start = t - 2 * 3600

@@ -21,7 +21,7 @@ ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, database_module):  # SQLite, then PostgreSQL
     home = provision_home(tmp_path_factory.mktemp("fhir"), [DEV])
     t = time.time()
     recs = [status(t - 3600 + 60 * i, rate=1000 + 10 * (i // 20), volume=16_667 * i,

@@ -21,7 +21,7 @@ DEV = "SRN-0001"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(tmp_path_factory, database_module):  # SQLite, then PostgreSQL
     home = provision_home(tmp_path_factory.mktemp("sec"), [DEV])
     t = time.time()
     feed(home, DEV, [status(t - 3600 + 60 * i, volume=1000 * i) for i in range(60)])

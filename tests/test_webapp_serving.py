@@ -20,7 +20,7 @@ from serene.webapp.server import THREADS, AppServer
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(tmp_path_factory, database_module):  # SQLite, then PostgreSQL
     return provision_home(tmp_path_factory.mktemp("serving"), ["SRN-0001"])
 
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from serene import linkframe
 from serene.server.ingest import Ingest
-from serene.server.store import Store, db_path
+from serene.server.store import Store, db_url
 from serene.verifier import from_home
 from serene.verifier import protocol as vp
 
@@ -98,7 +98,7 @@ def feed(home, dev, records, checkpoint_every=16, skip=(), per_frame=8, epoch=EP
     through the real ingest, with a checkpoint after every `checkpoint_every` records;
     seqs in `skip` are sealed (and checkpointed) but never sent: a gap. -> {seq: fields}"""
     m = Module(home, dev)
-    ing = Ingest(from_home(home), Store(db_path(home)))
+    ing = Ingest(from_home(home), Store(db_url(home)))
     try:
         ing.handle("serene/%s/up" % dev, m.frame([(K_EPOCH, 0, m.new_epoch(epoch))]))
         seq, pending, batch, first, out = 1, {}, [], 1, {}

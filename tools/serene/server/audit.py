@@ -1,7 +1,7 @@
 """Audit at rest: prove that what the database holds is exactly what the modules sent.
 
     serene report --home DIR --audit [--json]
-    audit(home) -> {"objects": n, "epochs": n, "checkpoints": n, "problems": [...], "ok": b}
+    audit(home, db=None) -> {"objects": n, "epochs": n, "checkpoints": n, "problems": [...], "ok": b}
 
 Re-does from the stored bytes alone, with the server's key and the registry, what the ingest
 did on arrival, and closes the chain (contracts A, C, D):
@@ -26,12 +26,12 @@ import json
 from .. import records
 from ..verifier import VerifyError, from_home
 from ..verifier import protocol as vp
-from .store import Store, db_path
+from .store import Store, db_url
 
 
-def audit(home):
+def audit(home, db=None):
     v = from_home(home)
-    store = Store(db_path(home), readonly=True)
+    store = Store(db_url(home, db), readonly=True)
     problems = []
     counts = {"epochs": 0, "objects": 0, "checkpoints": 0}
 
@@ -39,7 +39,7 @@ def audit(home):
         problems.append({"device": dev, "epoch": epoch, "seq": seq, "problem": what})
 
     try:
-        db = store.db
+        db = store  # Store.execute: portable SQL with ? placeholders
         epoch_hash = {}  # (dev, epoch) -> payload hash of its verified epoch record
         prevs = []  # (dev, epoch, (prev_epoch, end_seq, end_hash))
         for dev, ep, record, _ in store.epochs():

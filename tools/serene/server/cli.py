@@ -12,10 +12,11 @@ the server account of DIR/broker/credentials.json. --worker-id N (0-15, unique a
 ingest processes) names its client ids serene-server-N (and serene-server-N-q, the quarantine
 of a device over its intake quota: server/service.py), their persistent sessions at the broker
 and its ack Partial IVs. --tls: modules reach the private broker over TLS only (its plain
-device listener is closed); the server's own listener stays plain on loopback. The database is DIR/server/ingest.sqlite3; `serene
-report --home DIR` reads it, also while the server runs; --http serves the clinicians' and
-operators' web application (serene.webapp: accounts, audit, triage, patient pages, ledger) on
-127.0.0.1:PORT, on the same database (`serene users add` makes its first account).
+device listener is closed); the server's own listener stays plain on loopback. The database is
+DIR/server/ingest.sqlite3 (SQLite), or --db URL (postgresql://...; default $SERENE_DB);
+`serene report --home DIR [--db URL]` reads it, also while the server runs; --http serves the
+clinicians' and operators' web application (serene.webapp: accounts, audit, triage, patient
+pages, ledger) on 127.0.0.1:PORT, on the same database (`serene users add` makes its first account).
 """
 
 import json
@@ -45,7 +46,26 @@ def add_arguments(p):
     p.add_argument("--downlinks-per-day", type=int, default=10,
                    help="LoRaWAN: most acks sent as downlinks per device per 24 h")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: Ctrl-C)")
+    add_db_argument(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log every reject")
+
+
+def add_db_argument(p):
+    p.add_argument("--db", metavar="URL", default=None,
+                   help="the database: postgresql://USER@HOST:PORT/NAME, or sqlite:///FILE "
+                        "(default: $SERENE_DB, else DIR/server/ingest.sqlite3)")
+
+
+def use_db(args):
+    """The database URL of this command (--db, $SERENE_DB, the home's SQLite file); --db is
+    also exported as $SERENE_DB, so everything this process opens uses the same one."""
+    import os
+
+    from .store import db_url
+
+    if getattr(args, "db", None):
+        os.environ["SERENE_DB"] = args.db
+    return db_url(args.home, getattr(args, "db", None))
 
 
 def load_verifier(home):
@@ -67,11 +87,12 @@ def run(args):
     from .. import broker as B
     from .ingest import Ingest
     from .service import IngestService
-    from .store import Store, StoreError, db_path
+    from .store import Store, StoreError
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname).1s %(name)s: %(message)s")
     home = pathlib.Path(args.home)
+    url = use_db(args)
     if not 0 <= args.worker_id <= 15:
         raise CliError("--worker-id must be 0-15")
     verifier = load_verifier(home)
@@ -89,7 +110,7 @@ def run(args):
         raise CliError(str(e)) from None
 
     def make_ingest():
-        return Ingest(load_verifier(home), Store(db_path(home)), worker_id=args.worker_id)
+        return Ingest(load_verifier(home), Store(url), worker_id=args.worker_id)
 
     def device_list():
         # Every account that can publish an uplink, registered or not: the server subscribes
@@ -112,7 +133,7 @@ def run(args):
             else args.lorawan_worker_id
         try:
             lora = ChirpstackIntake(
-                lambda: Ingest(load_verifier(home), Store(db_path(home)), worker_id=lwid),
+                lambda: Ingest(load_verifier(home), Store(url), worker_id=lwid),
                 port, creds["username"], creds["password"], load_dev_euis(home),
                 worker_id=lwid, downlinks_per_day=args.downlinks_per_day,
                 budget_path=home / "server" / "lorawan-downlinks.json").start()
@@ -135,7 +156,7 @@ def run(args):
                 brk.stop()
             raise CliError("web view on port %d: %s" % (args.http, e)) from None
     print("serene server: %d registered devices, broker 127.0.0.1:%d as %s, database %s%s"
-          % (len(devices), port, svc.client_id, db_path(home),
+          % (len(devices), port, svc.client_id, Store.describe(url),
              ", web view http://127.0.0.1:%d/" % web.port if web else ""), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

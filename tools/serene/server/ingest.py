@@ -128,8 +128,7 @@ def _owner_alive(owner):
         if ing is None:
             return False
         try:
-            ing.store.db.execute("SELECT 1")
-            return True
+            return ing.store.alive()
         except Exception:  # noqa: BLE001 - a closed connection
             return False
     try:
@@ -283,11 +282,8 @@ class Ingest:
         rolled back (a savepoint) and it is recorded as an "internal error" reject."""
         payload = bytes(payload)
         dev = device_from_topic(topic)
-        db = self.store.db
         try:
-            if not db.in_transaction:
-                db.execute("BEGIN")
-            db.execute("SAVEPOINT frame")
+            frame = self.store.savepoint()  # in the batch's transaction (begun if none)
         except Exception as e:  # noqa: BLE001 - e.g. the database is locked
             log.error("cannot start a transaction: %s", e)
             self.store.add_reject(dev or "?", "internal error", repr(e)[:300],
@@ -295,7 +291,7 @@ class Ingest:
             return []
         try:
             acks = self._handle(topic, dev, payload)
-            db.execute("RELEASE SAVEPOINT frame")
+            frame.commit()  # RELEASE SAVEPOINT
             return acks
         except Exception as e:  # noqa: BLE001 - the server must outlive any input
             log.error("internal error on %r: %s\n%s", topic, e, traceback.format_exc())
@@ -303,8 +299,7 @@ class Ingest:
             self._acks.clear()
             self._pivs.clear()
             try:
-                db.execute("ROLLBACK TO SAVEPOINT frame")
-                db.execute("RELEASE SAVEPOINT frame")
+                frame.rollback()  # ROLLBACK TO SAVEPOINT
             except Exception:  # noqa: BLE001 - the database itself failed: logged above
                 log.exception("cannot roll the frame back")
             self.store.add_reject(dev or "?", "internal error", repr(e)[:300],
@@ -316,7 +311,7 @@ class Ingest:
         they returned may be published once this returns. Raises WorkerIdInUse (after a
         rollback: publish nothing) if another process has taken this worker id's lease."""
         now = self.clock()
-        if now - self._beat >= HEARTBEAT_S or self.store.db.in_transaction:
+        if now - self._beat >= HEARTBEAT_S or self.store.in_transaction():
             if not self.store.heartbeat(self.worker_id, self.owner, now):
                 self.store.rollback()
                 self._acks.clear()

@@ -1,8 +1,8 @@
 """serene report: the completeness ledger, per device, as a table or as JSON.
 
-    serene report --home DIR [--json] [--device ID] [--check] [--audit]
+    serene report --home DIR [--db URL] [--json] [--device ID] [--check] [--audit]
 
-Reads DIR/server/ingest.sqlite3 read-only (the server may be running). Every registered device
+Reads DIR/server/ingest.sqlite3 (or the database --db / $SERENE_DB names) read-only (the server may be running). Every registered device
 is listed, received anything or not, and every device that sent anything (an unregistered one
 shows registered: false). Per device and epoch: objects received (as ranges of sequence
 numbers), gaps (missing sequence numbers up to the highest received, or up to the end the
@@ -24,7 +24,10 @@ from ..cli import CliError
 
 
 def add_arguments(p):
+    from .cli import add_db_argument
+
     p.add_argument("--home", required=True, help="provisioning home of the server")
+    add_db_argument(p)
     p.add_argument("--json", action="store_true", help="print the ledger as JSON")
     p.add_argument("--device", help="only this device")
     p.add_argument("--check", action="store_true",
@@ -46,11 +49,11 @@ def registered_devices(home):
         raise CliError("%s is not JSON: %s" % (path, e)) from None
 
 
-def ledger(home, device=None):
-    from .store import Store, StoreError, db_path
+def ledger(home, device=None, db=None):
+    from .store import Store, StoreError, db_url
 
     try:
-        store = Store(db_path(home), readonly=True)
+        store = Store(db_url(home, db), readonly=True)
     except StoreError as e:
         raise CliError(str(e)) from None
     try:
@@ -126,14 +129,17 @@ def _when(t):
 
 
 def run(args):
-    led = ledger(args.home, args.device)
+    from .cli import use_db
+
+    url = use_db(args)
+    led = ledger(args.home, args.device, url)
     out = {"devices": led, "generated_at": time.time()}
     if args.audit:
         from . import audit
         from .cli import load_verifier
 
         load_verifier(args.home)  # a clear error when the server identity is missing
-        out["audit"] = audit.audit(args.home)
+        out["audit"] = audit.audit(args.home, url)
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
     else:

@@ -1,6 +1,11 @@
-"""The medical server's storage: one SQLite file, every object stored once, and the ledger.
+"""The medical server's storage: every object stored once, and the ledger.
 
-Tables (schema version 2; an older database is refused with a clear message):
+One database, SQLite (the embedded default: DIR/server/ingest.sqlite3) or PostgreSQL (a URL:
+`serene server --db postgresql://...`), through SQLAlchemy 2 Core (server/schema.py: the tables,
+the engine, the one Alembic tree that creates and migrates them). One connection per Store;
+the caller's batch is one transaction (commit()), each frame a SAVEPOINT in it (savepoint()).
+
+Tables (schema 2, Alembic revisions 0002+; an older database is refused with a clear message):
     objects      (device, epoch, seq) -> kind ("epoch", "checkpoint" from the signed payload,
                  "record" for every sealed object: its record kind is in `fields`), the
                  CANONICAL sealed bytes (contract A: no kid), the opened plaintext, the decoded
@@ -33,8 +38,16 @@ whether the epoch is closed, duplicates, rejects by reason, the last checkpoint 
 import collections
 import json
 import pathlib
-import sqlite3
 import time
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from . import schema
+from .schema import StoreError  # noqa: F401 - part of this module's API
+from .schema import (ack_pivs, checkpoints, counters, device_state, epochs, objects,
+                     received, rejects, workers)
 
 SCHEMA_VERSION = 2
 REJECTS_KEPT = 1000
@@ -42,53 +55,14 @@ RECENT_REJECTS = 20
 #: per device and commit, at most this many sample rows are written (the counts are exact)
 SAMPLES_PER_COMMIT = 20
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS objects (
-    device TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
-    kind TEXT NOT NULL, sealed BLOB NOT NULL, plaintext BLOB, fields TEXT, decode_error TEXT,
-    received_at REAL NOT NULL, last_seen REAL NOT NULL, duplicates INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (device, epoch, seq));
-CREATE TABLE IF NOT EXISTS received (
-    device TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL, PRIMARY KEY (device, epoch, first_seq));
-CREATE INDEX IF NOT EXISTS received_last ON received (device, epoch, last_seq);
-CREATE TABLE IF NOT EXISTS epochs (
-    device TEXT NOT NULL, epoch INTEGER NOT NULL, record BLOB NOT NULL,
-    payload_hash BLOB, prev_epoch INTEGER, prev_end_seq INTEGER, prev_end_hash BLOB,
-    first_seen REAL NOT NULL, PRIMARY KEY (device, epoch));
-CREATE TABLE IF NOT EXISTS ack_pivs (
-    device TEXT NOT NULL, epoch INTEGER NOT NULL, worker INTEGER NOT NULL,
-    last_piv INTEGER NOT NULL, PRIMARY KEY (device, epoch, worker));
-CREATE TABLE IF NOT EXISTS checkpoints (
-    device TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
-    first_seq INTEGER NOT NULL, count INTEGER NOT NULL, chain BLOB NOT NULL,
-    prev BLOB, payload_hash BLOB, state TEXT NOT NULL, link TEXT NOT NULL DEFAULT 'pending',
-    detail TEXT, received_at REAL NOT NULL, checked_at REAL,
-    PRIMARY KEY (device, epoch, seq));
-CREATE INDEX IF NOT EXISTS checkpoints_first ON checkpoints (device, epoch, first_seq);
-CREATE TABLE IF NOT EXISTS rejects (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device TEXT NOT NULL,
-    epoch INTEGER, seq INTEGER, kind TEXT, reason TEXT NOT NULL, detail TEXT,
-    size INTEGER, head TEXT);
-CREATE INDEX IF NOT EXISTS rejects_device ON rejects (device, id);
-CREATE TABLE IF NOT EXISTS counters (
-    device TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
-    PRIMARY KEY (device, name));
-CREATE TABLE IF NOT EXISTS device_state (
-    device TEXT PRIMARY KEY, acks_failing TEXT);
-CREATE TABLE IF NOT EXISTS workers (
-    worker_id INTEGER PRIMARY KEY, owner TEXT NOT NULL, started_at REAL NOT NULL,
-    heartbeat REAL NOT NULL);
-"""
-
-
-class StoreError(Exception):
-    """The database cannot be used (missing, of another schema, corrupt)."""
-
 
 def db_path(home):
     return pathlib.Path(home) / "server" / "ingest.sqlite3"
+
+
+def db_url(home, url=None):
+    """The database of a server home: `url` (--db), else $SERENE_DB, else the SQLite file."""
+    return schema.resolve_url(home, url)
 
 
 # --- ranges: [[first, last], ...] inclusive, sorted, disjoint, adjacent ones merged ---------
@@ -145,133 +119,376 @@ def intersect(rs, other):
     return subtract(rs, subtract(rs, other))
 
 
-class Store:
-    """One connection, used by one thread (the ingest worker, or a report)."""
+B = sa.bindparam
+_ENGINES = {}  # (url, readonly) -> pooled Engine (PostgreSQL: connecting costs milliseconds)
 
-    def __init__(self, path, readonly=False):
-        self.path = pathlib.Path(path)
+
+def _engine(url, readonly):
+    if url.startswith("sqlite"):
+        return schema.make_engine(url, readonly)
+    key = (url, readonly)
+    if key not in _ENGINES:
+        _ENGINES[key] = schema.make_engine(url, readonly)
+    return _ENGINES[key]
+
+
+def dispose_engines():
+    """Close the pooled PostgreSQL connections of this process (tests, before DROP DATABASE)."""
+    for eng in _ENGINES.values():
+        eng.dispose()
+    _ENGINES.clear()
+
+
+def _obj_key(t):
+    return sa.and_(t.c.device == B("d"), t.c.epoch == B("e"))
+
+
+class _Sql:
+    """The statements of the hot paths, built once per dialect (compiled once by SQLAlchemy's
+    cache): upserts are the dialect's INSERT ... ON CONFLICT."""
+
+    def __init__(self, dialect):
+        ins = pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert
+        self.insert = ins
+        o, r = objects, received
+        self.get_object = sa.select(o.c.kind, o.c.sealed).where(_obj_key(o), o.c.seq == B("s"))
+        self.add_object = o.insert()
+        self.left = sa.select(r.c.first_seq).where(_obj_key(r), r.c.last_seq == B("s"))
+        self.right = sa.select(r.c.last_seq).where(_obj_key(r), r.c.first_seq == B("s"))
+        self.del_range = r.delete().where(_obj_key(r), r.c.first_seq == B("f"))
+        self.set_last = r.update().where(_obj_key(r), r.c.first_seq == B("f")).values(
+            last_seq=B("l"))
+        self.set_first = r.update().where(_obj_key(r), r.c.first_seq == B("f")).values(
+            first_seq=B("nf"))
+        self.add_range = r.insert()
+        c = counters
+        up = ins(c)
+        self.count = up.on_conflict_do_update(index_elements=[c.c.device, c.c.name],
+                                              set_={"value": c.c.value + up.excluded.value})
+        self.dup = o.update().where(_obj_key(o), o.c.seq == B("s")).values(
+            duplicates=o.c.duplicates + 1, last_seen=B("t"))
+        self.add_epoch = ins(epochs).on_conflict_do_nothing(
+            index_elements=[epochs.c.device, epochs.c.epoch])
+        a = ack_pivs
+        self.last_piv = sa.select(a.c.last_piv).where(_obj_key(a), a.c.worker == B("w"))
+        up = ins(a)
+        self.set_piv = up.on_conflict_do_update(
+            index_elements=[a.c.device, a.c.epoch, a.c.worker],
+            set_={"last_piv": up.excluded.last_piv})
+        up = ins(device_state)
+        self.set_failing = up.on_conflict_do_update(
+            index_elements=[device_state.c.device],
+            set_={"acks_failing": up.excluded.acks_failing})
+        self.add_checkpoint = ins(checkpoints).on_conflict_do_nothing(
+            index_elements=[checkpoints.c.device, checkpoints.c.epoch, checkpoints.c.seq])
+        self.ranges = sa.select(r.c.first_seq, r.c.last_seq).where(_obj_key(r)).order_by(
+            r.c.first_seq)
+        cp = checkpoints
+        self.pending = sa.select(cp.c.seq, cp.c.first_seq, cp.c.count).where(
+            _obj_key(cp), cp.c.state == "pending").order_by(cp.c.seq)
+        self.pending_covering = sa.select(cp.c.seq, cp.c.first_seq, cp.c.count).where(
+            _obj_key(cp), cp.c.state == "pending", cp.c.first_seq <= B("c"),
+            cp.c.seq > B("c")).order_by(cp.c.seq)
+        w = workers
+        self.heartbeat = w.update().where(w.c.worker_id == B("w"), w.c.owner == B("o")).values(
+            heartbeat=B("t"))
+
+    def compile(self, dialect):
+        """The per-object statements compiled once for the dialect: (SQL, parameter order
+        or None for named parameters). Store._x runs them on the DBAPI cursor: an execute
+        through SQLAlchemy costs ~40 us, several times what SQLite spends on the statement."""
+        cols = {
+            "add_object": [c.name for c in objects.c],
+            "add_range": [c.name for c in received.c],
+            "count": ["device", "name", "value"],
+            "set_piv": [c.name for c in ack_pivs.c],
+        }
+        out = {}
+        for name in ("get_object", "add_object", "left", "right", "del_range", "set_last",
+                     "set_first", "add_range", "count", "dup", "last_piv", "set_piv",
+                     "pending", "pending_covering", "heartbeat", "ranges"):
+            c = getattr(self, name).compile(dialect=dialect, column_keys=cols.get(name))
+            fixed = {k: v for k, v in c.params.items() if v is not None}  # literals
+            out[name] = (str(c), tuple(c.positiontup) if dialect.positional else None, fixed)
+        self.fast = out
+
+
+_WRITES = frozenset(("add_object", "del_range", "set_last", "set_first", "add_range", "count",
+                     "dup", "set_piv", "heartbeat"))
+_CP_COLS = (checkpoints.c.seq, checkpoints.c.first_seq, checkpoints.c.count, checkpoints.c.prev,
+            checkpoints.c.payload_hash, checkpoints.c.state, checkpoints.c.link)
+
+
+class _Frame:
+    """A frame's SAVEPOINT (Store.savepoint): rollback() also takes back what the frame added
+    to the counters and received seqs held in memory until commit()."""
+
+    __slots__ = ("store", "nested")
+
+    def __init__(self, store, nested):
+        self.store, self.nested = store, nested
+
+    def commit(self):
+        self.nested.commit()
+        self.store._undo = None
+
+    def rollback(self):
+        st = self.store
+        try:
+            self.nested.rollback()
+        finally:
+            for d, key, n in reversed(st._undo or ()):
+                if n is None:
+                    d[key].pop()
+                else:
+                    d[key] -= n
+                if not d[key]:
+                    del d[key]
+            st._undo = None
+
+
+class _Rows(list):
+    """Rows of Store.execute (a list; fetchone/fetchall as a DB-API cursor has)."""
+
+    def fetchone(self):
+        return self[0] if self else None
+
+    def fetchall(self):
+        return list(self)
+
+
+class Store:
+    """One connection, used by one thread (the ingest worker, or a report). `target`: a
+    database URL (sqlite:///PATH, postgresql://...) or the path of a SQLite file."""
+
+    def __init__(self, target, readonly=False):
+        if schema.is_url(target):
+            url = target
+        else:
+            url = schema.sqlite_url(target)
+        u = sa.engine.make_url(url)
+        self.url = url
+        self.path = None  # the SQLite file, if it is one
+        if u.get_backend_name() == "sqlite":
+            p = (u.database or "")
+            self.path = pathlib.Path(p[5:] if p.startswith("file:") else p)
+            self.where = str(self.path)
+        else:
+            self.where = u.render_as_string(hide_password=True)
         self._rejects = {}  # (device, reason) -> count, flushed at commit
         self._samples = collections.defaultdict(lambda: collections.deque(
             maxlen=SAMPLES_PER_COMMIT))
-        if readonly:
-            if not self.path.exists():
-                raise StoreError("no database at %s (has the server run?)" % self.path)
-            self.db = sqlite3.connect("file:%s?mode=ro" % self.path, uri=True)
-            self._check_schema()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")  # a committed object survives a power cut
-            self.db.execute("PRAGMA busy_timeout=10000")  # several ingest workers share it
-            self._check_schema(fresh_ok=True)
-            self.db.executescript(_SCHEMA)
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                            (str(SCHEMA_VERSION),))
-            self.db.commit()
-            self._check_schema()
-
-    def _check_schema(self, fresh_ok=False):
+        if readonly and self.path is not None and not self.path.exists():
+            raise StoreError("no database at %s (has the server run?)" % self.path)
+        self.engine = _engine(url, readonly)
+        self.dialect = self.engine.dialect.name
+        self.sql = _Sql(self.dialect)
+        self.sql.compile(self.engine.dialect)
+        self.conn = None
+        self._batch = False  # a savepoint() was taken since the last commit/rollback
+        self._wrote = False  # the current transaction has written
+        self._counts = {}  # (device, name) -> increment not yet written (commit() writes it)
+        self._recv = {}  # (device, epoch) -> stored seqs not yet merged into `received`
+        self._undo = None  # what the current frame added to those two (_Frame.rollback)
         try:
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        except sqlite3.OperationalError:
-            row = None
-            if fresh_ok:
-                return
-        if row is None and fresh_ok:
-            return
-        if row is None or row[0] != str(SCHEMA_VERSION):
-            raise StoreError(
-                "%s: database schema %s, this server reads schema %d (received ranges, ack "
-                "nonces per worker, checkpoint links): move the old database aside and start "
-                "a fresh one" % (self.path, row and row[0], SCHEMA_VERSION))
+            if not readonly:
+                schema.migrate(self.engine)
+            self.conn = self.engine.connect()
+            schema.check_current(self.conn, self.where)
+            self.conn.commit()
+        except StoreError:
+            self.close()
+            raise
+        except (RuntimeError, sa.exc.SQLAlchemyError) as e:
+            self.close()
+            if readonly and isinstance(e, sa.exc.OperationalError):  # cannot connect
+                raise StoreError("no database at %s (has the server run?): %s"
+                                 % (self.where, str(e.orig).strip())) from e
+            raise StoreError("%s: %s" % (self.where, e)) from e
+
+    @staticmethod
+    def describe(target):
+        """Where a database is, for messages (a password in a URL is hidden)."""
+        if not schema.is_url(target):
+            return str(target)
+        u = sa.engine.make_url(target)
+        if u.get_backend_name() == "sqlite":
+            return u.database
+        return u.render_as_string(hide_password=True)
+
+    @property
+    def db(self):
+        """The SQLAlchemy Connection (its transaction is the caller's batch)."""
+        return self.conn
 
     def close(self):
-        self.db.close()
+        if self.conn is not None:
+            self.conn.close()
+        if self.url.startswith("sqlite"):
+            self.engine.dispose()
+
+    def alive(self):
+        """Can this store still be used (its connection open and answering)?"""
+        if self.conn is None or self.conn.closed:
+            return False
+        self.conn.execute(sa.text("SELECT 1"))
+        return True
+
+    def execute(self, sql, params=()):
+        """Run portable SQL with ? placeholders (audits, tests): -> SQLAlchemy Result."""
+        parts = sql.split("?")
+        if len(parts) - 1 != len(params):
+            raise ValueError("%d placeholders, %d parameters" % (len(parts) - 1, len(params)))
+        text = parts[0] + "".join(":p%d%s" % (i, part) for i, part in enumerate(parts[1:]))
+        res = self.conn.execute(sa.text(text), {"p%d" % i: v for i, v in enumerate(params)})
+        return _Rows(res.fetchall()) if res.returns_rows else res
+
+    def in_transaction(self):
+        return self.conn.in_transaction()
+
+    def savepoint(self):
+        """A SAVEPOINT in the current transaction (begun if none): .commit() releases it,
+        .rollback() undoes what was done since."""
+        if not self._batch:
+            if self.conn.in_transaction():
+                # Reads (or due acks) since the last commit: end that transaction, so the
+                # batch starts from fresh committed state (see _w).
+                self.conn.commit()
+                self._wrote = False
+            self._batch = True
+        self._undo = []
+        return _Frame(self, self.conn.begin_nested())
+
+    def _x(self, name, params):
+        """Run a compiled hot-path statement (_Sql.compile) in the current transaction (begun
+        through SQLAlchemy if none, so commit() and rollback() cover it) -> DBAPI cursor."""
+        conn = self.conn
+        if name in _WRITES:
+            self._w()
+        if not conn.in_transaction():
+            conn.begin()
+        sql, order, fixed = self.sql.fast[name]
+        if fixed:
+            params = dict(fixed, **params)
+        cur = conn.connection.dbapi_connection.cursor()
+        cur.execute(sql, params if order is None else [params[k] for k in order])
+        return cur
+
+    def _w(self):
+        """Before a transaction's first write: outside a batch, end the reads before it, so
+        the write starts from fresh committed state (SQLite refuses a write in a transaction
+        whose snapshot is older than another connection's commit: "database is locked")."""
+        if not self._wrote:
+            if not self._batch and self.conn.in_transaction():
+                self.conn.commit()
+            self._wrote = True
 
     def commit(self):
-        self._flush_rejects()
-        self.db.commit()
+        self._flush_rejects()  # (adds the reject:<reason> counts)
+        self._flush_counts()
+        self._flush_received()
+        self.conn.commit()
+        self._batch = self._wrote = False
 
     def rollback(self):
         self._rejects.clear()
         self._samples.clear()
-        self.db.rollback()
+        self._counts.clear()
+        self._recv.clear()
+        self._undo = None
+        self._batch = self._wrote = False
+        self.conn.rollback()
 
     # --- writes (the caller commits) ---------------------------------------------------
 
     def count(self, device, name, n=1):
-        self.db.execute(
-            "INSERT INTO counters VALUES (?, ?, ?) "
-            "ON CONFLICT (device, name) DO UPDATE SET value = value + excluded.value",
-            (device, name, n))
+        """Add n to a counter: kept in memory, written once per key at commit() (one upsert
+        per (device, name) a batch touched, not one per frame or object)."""
+        key = (device, name)
+        self._counts[key] = self._counts.get(key, 0) + n
+        if self._undo is not None:
+            self._undo.append((self._counts, key, n))
 
     def get_object(self, device, epoch, seq):
         """(kind, sealed bytes) or None."""
-        row = self.db.execute("SELECT kind, sealed FROM objects WHERE device=? AND epoch=? "
-                              "AND seq=?", (device, epoch, seq)).fetchone()
+        row = self._x("get_object", {"d": device, "e": epoch, "s": seq}).fetchone()
         return None if row is None else (row[0], bytes(row[1]))
 
     def add_object(self, device, epoch, seq, kind, sealed, plaintext=None, fields=None,
                    decode_error=None, now=None):
         now = time.time() if now is None else now
-        self.db.execute(
-            "INSERT INTO objects (device, epoch, seq, kind, sealed, plaintext, fields, "
-            "decode_error, received_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (device, epoch, seq, kind, bytes(sealed), plaintext,
-             None if fields is None else json.dumps(fields, sort_keys=True), decode_error,
-             now, now))
-        self._add_received(device, epoch, seq)
+        self._x("add_object", {
+            "device": device, "epoch": epoch, "seq": seq, "kind": kind, "sealed": bytes(sealed),
+            "plaintext": None if plaintext is None else bytes(plaintext),
+            "fields": None if fields is None else json.dumps(fields, sort_keys=True),
+            "decode_error": decode_error, "received_at": now, "last_seen": now,
+            "duplicates": 0})
+        # The received ranges are merged at commit(), a run of consecutive seqs at a time.
+        key = (device, epoch)
+        self._recv.setdefault(key, []).append(seq)
+        if self._undo is not None:
+            self._undo.append((self._recv, key, None))
 
-    def _add_received(self, device, epoch, seq):
-        db = self.db
-        left = db.execute("SELECT first_seq FROM received WHERE device=? AND epoch=? AND "
-                          "last_seq=?", (device, epoch, seq - 1)).fetchone()
-        right = db.execute("SELECT last_seq FROM received WHERE device=? AND epoch=? AND "
-                           "first_seq=?", (device, epoch, seq + 1)).fetchone()
+    def _flush_received(self):
+        for (device, epoch), seqs in self._recv.items():
+            for a, b in ranges(sorted(seqs)):
+                self._add_received(device, epoch, a, b)
+        self._recv.clear()
+
+    def _flush_counts(self):
+        for (device, name), n in self._counts.items():
+            self._x("count", {"device": device, "name": name, "value": n})
+        self._counts.clear()
+
+    def _add_received(self, device, epoch, seq, last=None):
+        """Merge the new run seq..last (none of it stored before) into the ranges."""
+        last = seq if last is None else last
+        x = self._x
+        k = {"d": device, "e": epoch}
+        left = x("left", dict(k, s=seq - 1)).fetchone()
+        right = x("right", dict(k, s=last + 1)).fetchone()
         if left and right:
-            db.execute("DELETE FROM received WHERE device=? AND epoch=? AND first_seq=?",
-                       (device, epoch, seq + 1))
-            db.execute("UPDATE received SET last_seq=? WHERE device=? AND epoch=? AND "
-                       "first_seq=?", (right[0], device, epoch, left[0]))
+            x("del_range", dict(k, f=last + 1))
+            x("set_last", dict(k, f=left[0], l=right[0]))
         elif left:
-            db.execute("UPDATE received SET last_seq=? WHERE device=? AND epoch=? AND "
-                       "first_seq=?", (seq, device, epoch, left[0]))
+            x("set_last", dict(k, f=left[0], l=last))
         elif right:
-            db.execute("UPDATE received SET first_seq=? WHERE device=? AND epoch=? AND "
-                       "first_seq=?", (seq, device, epoch, seq + 1))
+            x("set_first", dict(k, f=last + 1, nf=seq))
         else:
-            db.execute("INSERT INTO received VALUES (?, ?, ?, ?)", (device, epoch, seq, seq))
+            x("add_range", {"device": device, "epoch": epoch, "first_seq": seq,
+                            "last_seq": last})
 
     def add_duplicate(self, device, epoch, seq, now=None):
-        self.db.execute("UPDATE objects SET duplicates = duplicates + 1, last_seen = ? "
-                        "WHERE device=? AND epoch=? AND seq=?",
-                        (time.time() if now is None else now, device, epoch, seq))
+        self._x("dup", {"d": device, "e": epoch, "s": seq,
+                        "t": time.time() if now is None else now})
 
     def add_epoch(self, device, epoch, record, now=None, payload_hash=None, prev=None):
+        self._w()
         pe, end_seq, end_hash = prev if prev is not None else (None, None, None)
-        self.db.execute(
-            "INSERT OR IGNORE INTO epochs (device, epoch, record, payload_hash, prev_epoch, "
-            "prev_end_seq, prev_end_hash, first_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (device, epoch, bytes(record), payload_hash, pe, end_seq, end_hash,
-             time.time() if now is None else now))
+        self.conn.execute(self.sql.add_epoch, {
+            "device": device, "epoch": epoch, "record": bytes(record),
+            "payload_hash": payload_hash, "prev_epoch": pe, "prev_end_seq": end_seq,
+            "prev_end_hash": end_hash, "first_seen": time.time() if now is None else now})
 
     def epochs(self):
         """[(device, epoch, record bytes, 0)] for restoring the verifier (the last element
         is kept for compatibility: ack Partial IVs are in ack_pivs)."""
-        return [(d, e, bytes(r), 0) for d, e, r in self.db.execute(
-            "SELECT device, epoch, record FROM epochs ORDER BY device, epoch")]
+        t = epochs
+        return [(d, e, bytes(r), 0) for d, e, r in self.conn.execute(
+            sa.select(t.c.device, t.c.epoch, t.c.record).order_by(t.c.device, t.c.epoch))]
 
     def epoch_record(self, device, epoch):
-        row = self.db.execute("SELECT record FROM epochs WHERE device=? AND epoch=?",
-                              (device, epoch)).fetchone()
+        t = epochs
+        row = self.conn.execute(sa.select(t.c.record).where(
+            t.c.device == device, t.c.epoch == epoch)).first()
         return None if row is None else bytes(row[0])
 
     def epoch_info(self, device, epoch):
         """{payload_hash, prev} of a stored epoch record, or None."""
-        row = self.db.execute("SELECT payload_hash, prev_epoch, prev_end_seq, prev_end_hash "
-                              "FROM epochs WHERE device=? AND epoch=?",
-                              (device, epoch)).fetchone()
+        t = epochs
+        row = self.conn.execute(sa.select(
+            t.c.payload_hash, t.c.prev_epoch, t.c.prev_end_seq, t.c.prev_end_hash).where(
+            t.c.device == device, t.c.epoch == epoch)).first()
         if row is None:
             return None
         h, pe, es, eh = row
@@ -280,154 +497,168 @@ class Store:
 
     def named_end(self, device, epoch):
         """(end_seq, end_hash, by_epoch) if a stored epoch record names where `epoch` ended."""
-        row = self.db.execute("SELECT prev_end_seq, prev_end_hash, epoch FROM epochs WHERE "
-                              "device=? AND prev_epoch=? ORDER BY epoch LIMIT 1",
-                              (device, epoch)).fetchone()
+        t = epochs
+        row = self.conn.execute(sa.select(t.c.prev_end_seq, t.c.prev_end_hash, t.c.epoch).where(
+            t.c.device == device, t.c.prev_epoch == epoch).order_by(t.c.epoch).limit(1)).first()
         return None if row is None else (row[0], bytes(row[1]), row[2])
 
     # ack nonces (contract E)
 
     def last_ack_piv(self, device, epoch, worker):
-        row = self.db.execute("SELECT last_piv FROM ack_pivs WHERE device=? AND epoch=? AND "
-                              "worker=?", (device, epoch, worker)).fetchone()
+        row = self._x("last_piv", {"d": device, "e": epoch, "w": worker}).fetchone()
         return -1 if row is None else row[0]
 
     def set_ack_piv(self, device, epoch, worker, piv):
-        self.db.execute(
-            "INSERT INTO ack_pivs VALUES (?, ?, ?, ?) ON CONFLICT (device, epoch, worker) "
-            "DO UPDATE SET last_piv = excluded.last_piv", (device, epoch, worker, piv))
+        self._x("set_piv", {"device": device, "epoch": epoch, "worker": worker,
+                            "last_piv": piv})
 
     # worker leases
 
     def take_worker(self, worker_id, owner, now, lease_s, dead=None):
         """Take the lease of worker_id for `owner` (committed at once); False if another
         owner holds it with a heartbeat younger than lease_s (unless it is `dead`)."""
-        db = self.db
+        conn, w = self.conn, workers
         try:
-            cur = db.execute("UPDATE workers SET owner=?, started_at=?, heartbeat=? WHERE "
-                             "worker_id=? AND (owner=? OR heartbeat < ? OR owner=?)",
-                             (owner, now, now, worker_id, owner, now - lease_s, dead))
+            if conn.in_transaction():
+                conn.commit()
+            self._batch = self._wrote = False
+            free = sa.or_(w.c.owner == owner, w.c.heartbeat < now - lease_s)
+            if dead is not None:
+                free = sa.or_(free, w.c.owner == dead)
+            cur = conn.execute(w.update().where(w.c.worker_id == worker_id, free).values(
+                owner=owner, started_at=now, heartbeat=now))
             if cur.rowcount == 0:
-                try:
-                    db.execute("INSERT INTO workers VALUES (?, ?, ?, ?)",
-                               (worker_id, owner, now, now))
-                except sqlite3.IntegrityError:
-                    db.rollback()
+                got = conn.execute(self.sql.insert(w).values(
+                    worker_id=worker_id, owner=owner, started_at=now,
+                    heartbeat=now).on_conflict_do_nothing(index_elements=[w.c.worker_id])
+                    .returning(w.c.worker_id)).first()
+                if got is None:  # another owner holds it
+                    conn.rollback()
                     return False
-            db.commit()
+            conn.commit()
             return True
         except Exception:
-            db.rollback()
+            conn.rollback()
             raise
 
     def worker_lease(self, worker_id):
-        row = self.db.execute("SELECT owner, heartbeat FROM workers WHERE worker_id=?",
-                              (worker_id,)).fetchone()
+        w = workers
+        row = self.conn.execute(sa.select(w.c.owner, w.c.heartbeat).where(
+            w.c.worker_id == worker_id)).first()
         return None if row is None else tuple(row)
 
     def heartbeat(self, worker_id, owner, now):
         """Renew the lease (in the current transaction); False if it is no longer ours."""
-        cur = self.db.execute("UPDATE workers SET heartbeat=? WHERE worker_id=? AND owner=?",
-                              (now, worker_id, owner))
-        return cur.rowcount == 1
+        return self._x("heartbeat", {"w": worker_id, "o": owner, "t": now}).rowcount == 1
 
     def release_worker(self, worker_id, owner):
-        self.db.execute("DELETE FROM workers WHERE worker_id=? AND owner=?", (worker_id, owner))
-        self.db.commit()
+        self._w()
+        w = workers
+        self.conn.execute(w.delete().where(w.c.worker_id == worker_id, w.c.owner == owner))
+        self.conn.commit()
 
     # device state
 
     def set_acks_failing(self, device, evidence):
-        self.db.execute("INSERT INTO device_state VALUES (?, ?) ON CONFLICT (device) DO "
-                        "UPDATE SET acks_failing = excluded.acks_failing",
-                        (device, None if evidence is None else json.dumps(evidence,
-                                                                          sort_keys=True)))
+        self._w()
+        self.conn.execute(self.sql.set_failing, {
+            "device": device,
+            "acks_failing": None if evidence is None else json.dumps(evidence, sort_keys=True)})
 
     def acks_failing(self, device):
-        row = self.db.execute("SELECT acks_failing FROM device_state WHERE device=?",
-                              (device,)).fetchone()
+        t = device_state
+        row = self.conn.execute(sa.select(t.c.acks_failing).where(t.c.device == device)).first()
         return None if row is None or row[0] is None else json.loads(row[0])
 
     # ranges and checkpoints
 
     def received_ranges(self, device, epoch):
-        return [[a, b] for a, b in self.db.execute(
-            "SELECT first_seq, last_seq FROM received WHERE device=? AND epoch=? "
-            "ORDER BY first_seq", (device, epoch))]
+        rs = [[a, b] for a, b in self._x("ranges", {"d": device, "e": epoch}).fetchall()]
+        pending = self._recv.get((device, epoch))
+        return merge(rs + ranges(sorted(pending))) if pending else rs
 
     def seqs(self, device, epoch):
         """Every stored seq of an epoch (small epochs, tests; the ledger uses ranges)."""
-        return [s for (s,) in self.db.execute(
-            "SELECT seq FROM objects WHERE device=? AND epoch=? ORDER BY seq", (device, epoch))]
+        o = objects
+        return [s for (s,) in self.conn.execute(sa.select(o.c.seq).where(
+            o.c.device == device, o.c.epoch == epoch).order_by(o.c.seq))]
+
+    def _in_range(self, cols, device, epoch, first, end):
+        o = objects
+        return sa.select(*cols).where(o.c.device == device, o.c.epoch == epoch,
+                                      o.c.seq >= first, o.c.seq < end, o.c.kind == "record")
 
     def sealed_in_range(self, device, epoch, first, end):
         """{seq: sealed} of the sealed objects with first <= seq < end."""
-        return {s: bytes(b) for s, b in self.db.execute(
-            "SELECT seq, sealed FROM objects WHERE device=? AND epoch=? AND seq>=? AND seq<? "
-            "AND kind = 'record'", (device, epoch, first, end))}
+        o = objects
+        return {s: bytes(b) for s, b in self.conn.execute(
+            self._in_range((o.c.seq, o.c.sealed), device, epoch, first, end))}
 
     def count_sealed_in_range(self, device, epoch, first, end):
-        return self.db.execute(
-            "SELECT COUNT(*) FROM objects WHERE device=? AND epoch=? AND seq>=? AND seq<? "
-            "AND kind = 'record'", (device, epoch, first, end)).fetchone()[0]
+        return self.conn.execute(self._in_range(
+            (sa.func.count(),), device, epoch, first, end)).scalar()
 
     def add_checkpoint(self, device, epoch, seq, first_seq, count, chain, now=None, prev=None,
                        payload_hash=None, link="pending", detail=None):
-        self.db.execute(
-            "INSERT OR IGNORE INTO checkpoints (device, epoch, seq, first_seq, count, chain, "
-            "prev, payload_hash, state, link, detail, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-            (device, epoch, seq, first_seq, count, bytes(chain), prev, payload_hash, link,
-             detail, time.time() if now is None else now))
+        self._w()
+        self.conn.execute(self.sql.add_checkpoint, {
+            "device": device, "epoch": epoch, "seq": seq, "first_seq": first_seq,
+            "count": count, "chain": bytes(chain), "prev": prev, "payload_hash": payload_hash,
+            "state": "pending", "link": link, "detail": detail,
+            "received_at": time.time() if now is None else now})
+
+    def _cp_where(self, device, epoch):
+        return sa.select(*_CP_COLS).where(checkpoints.c.device == device,
+                                          checkpoints.c.epoch == epoch)
 
     def checkpoint(self, device, epoch, seq):
         """A stored checkpoint's row as a dict, or None."""
-        row = self.db.execute(
-            "SELECT seq, first_seq, count, prev, payload_hash, state, link FROM checkpoints "
-            "WHERE device=? AND epoch=? AND seq=?", (device, epoch, seq)).fetchone()
+        row = self.conn.execute(self._cp_where(device, epoch).where(
+            checkpoints.c.seq == seq)).first()
         return None if row is None else _cp(row)
 
     def checkpoint_starting_at(self, device, epoch, first_seq):
-        row = self.db.execute(
-            "SELECT seq, first_seq, count, prev, payload_hash, state, link FROM checkpoints "
-            "WHERE device=? AND epoch=? AND first_seq=? ORDER BY seq LIMIT 1",
-            (device, epoch, first_seq)).fetchone()
+        c = checkpoints
+        row = self.conn.execute(self._cp_where(device, epoch).where(
+            c.c.first_seq == first_seq).order_by(c.c.seq).limit(1)).first()
         return None if row is None else _cp(row)
 
     def overlapping_checkpoints(self, device, epoch, first_seq, seq):
         """Other checkpoints whose [first_seq, seq] meets this one's."""
-        return [_cp(r) for r in self.db.execute(
-            "SELECT seq, first_seq, count, prev, payload_hash, state, link FROM checkpoints "
-            "WHERE device=? AND epoch=? AND first_seq<=? AND seq>=? AND seq<>?",
-            (device, epoch, seq, first_seq, seq))]
+        c = checkpoints
+        return [_cp(r) for r in self.conn.execute(self._cp_where(device, epoch).where(
+            c.c.first_seq <= seq, c.c.seq >= first_seq, c.c.seq != seq))]
 
     def set_checkpoint_link(self, device, epoch, seq, link, detail=None):
-        self.db.execute("UPDATE checkpoints SET link=?, detail=COALESCE(?, detail) WHERE "
-                        "device=? AND epoch=? AND seq=?", (link, detail, device, epoch, seq))
+        self._w()
+        c = checkpoints
+        self.conn.execute(c.update().where(c.c.device == device, c.c.epoch == epoch,
+                                           c.c.seq == seq).values(
+            link=link, detail=sa.func.coalesce(sa.cast(detail, sa.Text), c.c.detail)))
 
     def pending_checkpoints(self, device, epoch, covering=None):
         """(seq, first_seq, count) of the pending checkpoints (those whose range holds
         `covering`, if given)."""
-        q = ("SELECT seq, first_seq, count FROM checkpoints WHERE device=? AND epoch=? "
-             "AND state='pending'")
-        args = [device, epoch]
-        if covering is not None:
-            q += " AND first_seq<=? AND seq>?"
-            args += [covering, covering]
-        return [tuple(r) for r in self.db.execute(q + " ORDER BY seq", args)]
+        if covering is None:
+            cur = self._x("pending", {"d": device, "e": epoch})
+        else:
+            cur = self._x("pending_covering", {"d": device, "e": epoch, "c": covering})
+        return [tuple(r) for r in cur.fetchall()]
 
     def verified_ranges(self, device, epoch):
         """[(first_seq, end)] of the epoch's verified checkpoints: every seq in
         first_seq <= s < end is stored or proven never sealed."""
-        return [tuple(r) for r in self.db.execute(
-            "SELECT first_seq, seq FROM checkpoints WHERE device=? AND epoch=? "
-            "AND state='verified' ORDER BY first_seq", (device, epoch))]
+        c = checkpoints
+        return [tuple(r) for r in self.conn.execute(sa.select(c.c.first_seq, c.c.seq).where(
+            c.c.device == device, c.c.epoch == epoch, c.c.state == "verified").order_by(
+            c.c.first_seq))]
 
     def set_checkpoint_state(self, device, epoch, seq, state, detail=None, now=None):
-        self.db.execute("UPDATE checkpoints SET state=?, detail=?, checked_at=? "
-                        "WHERE device=? AND epoch=? AND seq=?",
-                        (state, detail, time.time() if now is None else now, device, epoch,
-                         seq))
+        self._w()
+        c = checkpoints
+        self.conn.execute(c.update().where(c.c.device == device, c.c.epoch == epoch,
+                                           c.c.seq == seq).values(
+            state=state, detail=detail, checked_at=time.time() if now is None else now))
 
     # rejects: counted in memory, written once per commit
 
@@ -439,47 +670,46 @@ class Store:
         self._rejects[key] = self._rejects.get(key, 0) + 1
         if size is None and payload is not None:
             size = len(payload)
-        self._samples[device].append((
-            time.time() if now is None else now, device, epoch, seq, kind, reason,
-            (detail or "")[:500], size, None if payload is None else bytes(payload[:32]).hex()))
+        self._samples[device].append({
+            "at": time.time() if now is None else now, "device": device, "epoch": epoch,
+            "seq": seq, "kind": kind, "reason": reason, "detail": (detail or "")[:500],
+            "size": size, "head": None if payload is None else bytes(payload[:32]).hex()})
 
     def _flush_rejects(self):
         if not self._rejects:
             return
+        self._w()
         for (dev, reason), n in self._rejects.items():
             self.count(dev, "reject:" + reason, n)
         self._rejects.clear()
+        r = rejects
         for dev, rows in self._samples.items():
-            self.db.executemany(
-                "INSERT INTO rejects (at, device, epoch, seq, kind, reason, detail, size, head) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", list(rows))
-            self.db.execute(
-                "DELETE FROM rejects WHERE device=? AND id <= (SELECT id FROM rejects "
-                "WHERE device=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (dev, dev, REJECTS_KEPT))
+            self.conn.execute(r.insert(), list(rows))
+            oldest_kept = sa.select(r.c.id).where(r.c.device == dev).order_by(
+                r.c.id.desc()).limit(1).offset(REJECTS_KEPT).scalar_subquery()
+            self.conn.execute(r.delete().where(r.c.device == dev, r.c.id <= oldest_kept))
         self._samples.clear()
 
     # --- reads ----------------------------------------------------------------------------
 
     def records(self, device, epoch=None):
         """Decoded records and events of a device, by epoch number then seq."""
-        q = ("SELECT epoch, seq, kind, fields, decode_error, received_at FROM objects "
-             "WHERE device=? AND kind = 'record'")
-        args = [device]
+        o = objects
+        q = sa.select(o.c.epoch, o.c.seq, o.c.kind, o.c.fields, o.c.decode_error,
+                      o.c.received_at).where(o.c.device == device, o.c.kind == "record")
         if epoch is not None:
-            q += " AND epoch=?"
-            args.append(epoch)
+            q = q.where(o.c.epoch == epoch)
         out = []
-        for e, s, k, f, err, at in self.db.execute(q + " ORDER BY epoch, seq", args):
+        for e, s, k, f, err, at in self.conn.execute(q.order_by(o.c.epoch, o.c.seq)):
             out.append({"epoch": e, "seq": s, "kind": k,
                         "fields": None if f is None else json.loads(f),
                         "decode_error": err, "received_at": at})
         return out
 
     def devices(self):
-        rows = self.db.execute(
-            "SELECT device FROM objects UNION SELECT device FROM rejects "
-            "UNION SELECT device FROM counters").fetchall()
+        rows = self.conn.execute(sa.union(sa.select(objects.c.device),
+                                          sa.select(rejects.c.device),
+                                          sa.select(counters.c.device))).fetchall()
         return sorted(r[0] for r in rows)
 
     def ledger(self, registered=()):
@@ -491,16 +721,17 @@ class Store:
         return out
 
     def _epoch_ledger(self, dev, ep, newest):
-        db = self.db
+        x, o, c = self.conn.execute, objects, checkpoints
+        mine = (o.c.device == dev, o.c.epoch == ep)
         received = self.received_ranges(dev, ep)
-        n, dups, first_seen, last_seen, top = db.execute(
-            "SELECT COUNT(*), SUM(duplicates), MIN(received_at), MAX(last_seen), MAX(seq) "
-            "FROM objects WHERE device=? AND epoch=?", (dev, ep)).fetchone()
+        n, dups, first_seen, last_seen, top = x(sa.select(
+            sa.func.count(), sa.func.sum(o.c.duplicates), sa.func.min(o.c.received_at),
+            sa.func.max(o.c.last_seen), sa.func.max(o.c.seq)).where(*mine)).first()
         cps = [dict(zip(("seq", "first_seq", "count", "state", "link", "detail", "checked_at",
                          "payload_hash"), r))
-               for r in db.execute("SELECT seq, first_seq, count, state, link, detail, "
-                                   "checked_at, payload_hash FROM checkpoints WHERE device=? "
-                                   "AND epoch=? ORDER BY seq", (dev, ep))]
+               for r in x(sa.select(c.c.seq, c.c.first_seq, c.c.count, c.c.state, c.c.link,
+                                    c.c.detail, c.c.checked_at, c.c.payload_hash).where(
+                   c.c.device == dev, c.c.epoch == ep).order_by(c.c.seq))]
         # A verified checkpoint proves its range holds exactly the objects stored: the
         # other sequence numbers in it were consumed without a sealed object.
         covered = merge([[c["first_seq"], c["seq"]] for c in cps if c["state"] == "verified"])
@@ -524,10 +755,10 @@ class Store:
         expected = [[0, top]]
         missing_rs = subtract(subtract(expected, received), covered)
         beyond = [] if end is None else subtract(received, [[0, end[0]]])
-        kinds = dict(db.execute("SELECT kind, COUNT(*) FROM objects WHERE device=? AND "
-                                "epoch=? GROUP BY kind", (dev, ep)))
-        undecodable = db.execute("SELECT COUNT(*) FROM objects WHERE device=? AND epoch=? "
-                                 "AND decode_error IS NOT NULL", (dev, ep)).fetchone()[0]
+        kinds = {k: v for k, v in x(sa.select(o.c.kind, sa.func.count()).where(*mine).group_by(
+            o.c.kind))}
+        undecodable = x(sa.select(sa.func.count()).where(
+            *mine, o.c.decode_error.is_not(None))).scalar()
         return {
             "epoch": ep,
             "objects": n,
@@ -537,7 +768,7 @@ class Store:
             "gaps": missing_rs,
             "missing": total(missing_rs),
             "never_sealed": skipped,
-            "duplicates": dups or 0,
+            "duplicates": int(dups or 0),
             "undecodable": undecodable,
             "checkpoints": {s: sum(1 for c in cps if c["state"] == s)
                             for s in ("verified", "pending", "mismatch")},
@@ -554,49 +785,53 @@ class Store:
         }
 
     def device_ledger(self, dev, registered=True):
-        db = self.db
-        counters = dict(db.execute("SELECT name, value FROM counters WHERE device=?", (dev,)))
-        eps = [e for (e,) in db.execute("SELECT DISTINCT epoch FROM objects WHERE device=? "
-                                        "ORDER BY epoch DESC", (dev,)).fetchall()]
-        epochs = [self._epoch_ledger(dev, ep, i == 0) for i, ep in enumerate(eps)]
-        total_gaps = sum(e["missing"] for e in epochs)
-        last_cp = db.execute(
-            "SELECT epoch, seq, first_seq, count, checked_at FROM checkpoints "
-            "WHERE device=? AND state='verified' ORDER BY checked_at DESC, seq DESC LIMIT 1",
-            (dev,)).fetchone()
-        rejects = {k[len("reject:"):]: v for k, v in counters.items() if k.startswith("reject:")}
+        x, o, c, r = self.conn.execute, objects, checkpoints, rejects
+        counters_ = {k: v for k, v in x(sa.select(counters.c.name, counters.c.value).where(
+            counters.c.device == dev))}
+        for (d, name), n in self._counts.items():  # this batch's, not written yet
+            if d == dev:
+                counters_[name] = counters_.get(name, 0) + n
+        eps = [e for (e,) in x(sa.select(o.c.epoch).distinct().where(
+            o.c.device == dev).order_by(o.c.epoch.desc())).fetchall()]
+        epochs_ = [self._epoch_ledger(dev, ep, i == 0) for i, ep in enumerate(eps)]
+        total_gaps = sum(e["missing"] for e in epochs_)
+        last_cp = x(sa.select(c.c.epoch, c.c.seq, c.c.first_seq, c.c.count, c.c.checked_at).where(
+            c.c.device == dev, c.c.state == "verified").order_by(
+            c.c.checked_at.desc(), c.c.seq.desc()).limit(1)).first()
+        rejects_ = {k[len("reject:"):]: v for k, v in counters_.items()
+                    if k.startswith("reject:")}
         recent = [dict(zip(("at", "epoch", "seq", "kind", "reason", "detail", "size", "head"),
-                           r))
-                  for r in db.execute("SELECT at, epoch, seq, kind, reason, detail, size, head "
-                                      "FROM rejects WHERE device=? ORDER BY id DESC LIMIT ?",
-                                      (dev, RECENT_REJECTS))]
-        mismatches = sum(e["checkpoints"]["mismatch"] for e in epochs)
-        broken = sum(e["checkpoint_links_broken"] for e in epochs)
+                           row))
+                  for row in x(sa.select(r.c.at, r.c.epoch, r.c.seq, r.c.kind, r.c.reason,
+                                         r.c.detail, r.c.size, r.c.head).where(
+                      r.c.device == dev).order_by(r.c.id.desc()).limit(RECENT_REJECTS))]
+        mismatches = sum(e["checkpoints"]["mismatch"] for e in epochs_)
+        broken = sum(e["checkpoint_links_broken"] for e in epochs_)
         # Every epoch but the newest must be closed (its end proven by the next record).
-        unclosed = [e["epoch"] for e in epochs if not e["newest"] and not e["closed"]]
+        unclosed = [e["epoch"] for e in epochs_ if not e["newest"] and not e["closed"]]
         failing = self.acks_failing(dev)
         return {
             "device": dev,
             "registered": registered,
-            "objects": sum(e["objects"] for e in epochs),
+            "objects": sum(e["objects"] for e in epochs_),
             "missing": total_gaps,
-            "duplicates": sum(e["duplicates"] for e in epochs),
-            "epochs": epochs,
+            "duplicates": sum(e["duplicates"] for e in epochs_),
+            "epochs": epochs_,
             "last_checkpoint": None if last_cp is None else dict(zip(
                 ("epoch", "seq", "first_seq", "count", "verified_at"), last_cp)),
             "checkpoint_mismatches": mismatches,
             "checkpoint_links_broken": broken,
             "epochs_not_closed": unclosed,
             "acks_failing": failing,
-            "rejects": rejects,
-            "rejected": sum(rejects.values()),
+            "rejects": rejects_,
+            "rejected": sum(rejects_.values()),
             "recent_rejects": recent,
-            "counters": {k: v for k, v in counters.items() if not k.startswith("reject:")},
+            "counters": {k: v for k, v in counters_.items() if not k.startswith("reject:")},
             # Complete = every sequence number up to the highest seen (or the end an epoch
             # record names) is here or proven never sealed, no stored object contradicts a
             # signed checkpoint, the checkpoints link up, every older epoch is closed, and
             # the module is not failing to take our acks.
-            "complete": bool(epochs) and total_gaps == 0 and mismatches == 0 and broken == 0
+            "complete": bool(epochs_) and total_gaps == 0 and mismatches == 0 and broken == 0
             and not unclosed and failing is None,
         }
 

@@ -43,11 +43,8 @@ def secret_key(home):
 
 
 def ensure_database(home, db_url=None):
-    """The ingest's tables (the store creates them) and ours (Alembic) exist. -> engine"""
-    if db_url is None:
-        from ..server.store import Store, db_path
-
-        Store(db_path(home)).close()
+    """The database (the ingest's tables and ours: one Alembic tree) is at the newest
+    revision. -> engine"""
     engine = db.make_engine(db_url or db.default_url(home))
     db.migrate(engine)
     return engine
@@ -79,7 +76,8 @@ def create_app(home, db_url=None, **config):
         MAX_CONTENT_LENGTH=64 * 1024,
     )
     app.config.update(config)
-    app.engine = ensure_database(home, db_url)
+    app.config["DB_URL"] = db_url or db.default_url(home)
+    app.engine = ensure_database(home, app.config["DB_URL"])
     with app.engine.begin() as conn:
         for key, name in (("age_warning_s", "AGE_WARNING_S"), ("age_urgent_s", "AGE_URGENT_S")):
             app.config[name] = int(db.get_setting(conn, key, app.config[name]))

@@ -1,6 +1,6 @@
 """serene users / serene webapp / serene screenshots.
 
-    serene users add --home DIR --role admin|clinician|technician --username U
+    serene users add --home DIR [--db URL] --role admin|clinician|technician --username U
                      [--password-file F] [--full-name N] [--language en|fr]
     serene users list --home DIR
     serene webapp --home DIR [--port P] [--host H --trusted-proxy A --public-host N]
@@ -17,6 +17,7 @@ import pathlib
 import sys
 
 from ..cli import CliError
+from ..server.cli import add_db_argument, use_db
 
 
 def add_users_arguments(p):
@@ -30,6 +31,8 @@ def add_users_arguments(p):
     a.add_argument("--language", default="en", choices=("en", "fr"))
     ls = sub.add_parser("list", help="list the accounts")
     ls.add_argument("--home", required=True)
+    for q in (a, ls):
+        add_db_argument(q)
 
 
 def run_users(args):
@@ -38,7 +41,7 @@ def run_users(args):
     from . import db, ensure_database
     from .views import create_user
 
-    engine = ensure_database(args.home)
+    engine = ensure_database(args.home, use_db(args))
     if args.users_command == "list":
         with engine.begin() as conn:
             for u in conn.execute(sa.select(db.users).order_by(db.users.c.username)):
@@ -87,6 +90,7 @@ def add_webapp_arguments(p):
     p.add_argument("--public-host", action="append", default=[], metavar="NAME",
                    help="with --trusted-proxy: a Host the proxy serves (repeatable)")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: Ctrl-C)")
+    add_db_argument(p)
 
 
 def run_webapp(args):
@@ -99,7 +103,7 @@ def run_webapp(args):
         raise CliError("--public-host goes with --trusted-proxy")
     try:
         srv = AppServer(args.home, args.port, args.host, trusted_proxy=args.trusted_proxy,
-                        public_hosts=args.public_host).start()
+                        public_hosts=args.public_host, db_url=use_db(args)).start()
     except (ValueError, OSError) as e:
         raise CliError(str(e)) from None
     print("serene webapp: %s%s" % (srv.url, " (through the proxy; listening on %s:%d)"
@@ -121,11 +125,13 @@ def add_screenshots_arguments(p):
     p.add_argument("--home", required=True, help="the server's provisioning home")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--device", help="module shown (default: the first with data)")
+    add_db_argument(p)
 
 
 def run_screenshots(args):
     from .screenshots import ScreenshotError, take
 
+    use_db(args)  # --db: exported as $SERENE_DB, which the application reads
     try:
         paths = take(args.home, args.out, args.device)
     except ScreenshotError as e:

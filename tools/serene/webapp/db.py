@@ -1,18 +1,19 @@
 """The application's data layer: SQLAlchemy 2 Core, on the ingest's database.
 
-The application's own tables (prefix app_) are created and changed by Alembic migrations
-(webapp/migrations, version table app_alembic_version, so the ingest's schema and ours never
-collide). The ingest's tables (objects, checkpoints, epochs, rejects, counters) are read with
-SQL that runs on SQLite and PostgreSQL; the one dialect difference (reading the record's time
-out of the JSON fields) is in record_time().
+The application's own tables (prefix app_) are on the server's metadata (serene.server.schema:
+one data-access layer, one engine factory) and are created and changed by the one Alembic tree
+of the database (tools/serene/migrations, version table alembic_version), with the ingest's.
+The ingest's tables (objects, checkpoints, epochs, rejects, counters) are read with SQL that
+runs on SQLite and PostgreSQL; the one dialect difference (reading the record's time out of
+the JSON fields) is in record_time().
 """
 
-import pathlib
 import time
 
 import sqlalchemy as sa
 
-metadata = sa.MetaData()
+from ..server import schema
+from ..server.schema import metadata
 
 ROLES = ("clinician", "technician", "admin")
 LANGUAGES = ("en", "fr")
@@ -128,43 +129,25 @@ settings = sa.Table(
 
 
 def default_url(home):
-    from ..server.store import db_path
-
-    return "sqlite:///%s" % db_path(home)
+    """The database of a server home (--db, else $SERENE_DB, else the SQLite file)."""
+    return schema.resolve_url(home)
 
 
 def make_engine(url):
-    if url.startswith("sqlite"):
-        eng = sa.create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
-
-        @sa.event.listens_for(eng, "connect")
-        def _pragmas(dbapi_conn, _rec):
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA busy_timeout=10000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-        return eng
-    return sa.create_engine(url, pool_pre_ping=True)
+    return schema.make_engine(url)
 
 
 def record_time(dialect_name):
     """SQL for a stored record's module time (fields->time), the expression the
-    app_objects_record_time index is built on (SQLite) so the planner uses it."""
+    app_objects_record_time index is built on (migration 0003) so the planner uses it."""
     if dialect_name == "sqlite":
         return "json_extract(fields, '$.time')"
-    return "CAST((CAST(fields AS json) ->> 'time') AS BIGINT)"
+    return "(CAST((CAST(fields AS json) ->> 'time') AS DOUBLE PRECISION))"
 
 
 def migrate(engine):
-    """Bring the application's tables to the newest migration (Alembic, programmatically)."""
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(pathlib.Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    """Bring the database (the ingest's tables and ours) to the newest migration."""
+    schema.migrate(engine)
 
 
 def get_setting(conn, key, default):

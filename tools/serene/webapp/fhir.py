@@ -197,10 +197,13 @@ def _audit(device, module_id, kind, key, recorded, outcome, description, details
 
 
 def _audit_events(conn, home, device, module_id, recs, t0, t1):
-    from ..server.store import Store, StoreError, db_path
+    from flask import current_app, has_app_context
+
+    from ..server.store import Store, StoreError, db_url
 
     try:
-        st = Store(db_path(home), readonly=True)
+        st = Store(current_app.config["DB_URL"] if has_app_context() else db_url(home),
+                   readonly=True)
     except StoreError:
         return []
     try:

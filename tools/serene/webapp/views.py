@@ -93,10 +93,10 @@ def install_filters(app):
 
 
 def _ledger(device):
-    from ..server.store import Store, StoreError, db_path
+    from ..server.store import Store, StoreError
 
     try:
-        st = Store(db_path(current_app.config["HOME"]), readonly=True)
+        st = Store(current_app.config["DB_URL"], readonly=True)
     except StoreError:
         return None
     try:
@@ -510,11 +510,11 @@ def fhir_export(pid):
 
 def _all_devices():
     from ..server.report import registered_devices
-    from ..server.store import Store, StoreError, db_path
+    from ..server.store import Store, StoreError
 
     reg = registered_devices(current_app.config["HOME"])
     try:
-        st = Store(db_path(current_app.config["HOME"]), readonly=True)
+        st = Store(current_app.config["DB_URL"], readonly=True)
     except StoreError:
         return reg, {}
     try:
