@@ -28,6 +28,7 @@ on air, duty-cycle use per sub-band, downlinks used, FCnt and DR changes.
 import collections
 import contextlib
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -66,6 +67,9 @@ def add_arguments(p):
     p.add_argument("--pump-only", action="store_true", help="pump simulator + firmware only")
     p.add_argument("--json-summary", metavar="FILE", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live lines")
+    p.add_argument("--db", metavar="URL", default=None,
+                   help="the server's database (postgresql://...; default $SERENE_DB, else the "
+                        "workdir's SQLite file; --fresh empties only the SQLite one)")
     p.add_argument("--radio", choices=("ltem", "lora"), default="ltem")
     p.add_argument("--dr", type=int, default=5, help="LoRa: EU868 data rate of the join (0-5)")
     p.add_argument("--lora-loss", type=float, default=0.1,
@@ -212,6 +216,8 @@ def run(args):
         raise CliError("pump simulator unavailable: %s" % e) from None
     from .broker import private_dir, write_private
 
+    if args.db:  # the server, report and screenshots of this run read it
+        os.environ["SERENE_DB"] = args.db
     work = pathlib.Path(args.workdir).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -257,7 +263,7 @@ def run(args):
                  "" if chain else "; pump only"), flush=True)
         if chain:
             print("bench: STSAFE emulator on I2C bridge :%d, Mosquitto :%d, server database %s"
-                  % (chain.bridge.port, chain.broker.port, chain.db_path), flush=True)
+                  % (chain.bridge.port, chain.broker.port, chain.db_where), flush=True)
         if chain and lora:
             print("bench: LoRa DR%d, RF medium :%d, 2 gateways, %.0f %% uplink loss, network "
                   "server :%d, LoRaWAN intake %s" % (args.dr, chain.medium.port,
@@ -390,7 +396,7 @@ class Chain:
     def __enter__(self):
         from . import broker as B
         from .i2c_bridge import I2CBridgeServer
-        from .server.store import db_path
+        from .server.store import Store, db_path, db_url
         from .stsafe.emulator import StsafeEmulator
         from .stsafe.provision import provision
 
@@ -408,6 +414,8 @@ class Chain:
             self.broker = B.Broker(self.home, self.devices).start()
             self._stack.callback(self.broker.stop)
             self.db_path = db_path(self.home)
+            self.db_url = db_url(self.home)  # $SERENE_DB (--db), else the SQLite file
+            self.db_where = Store.describe(self.db_url)
             if self.fresh and self.db_path.exists():
                 self.db_path.unlink()
             if self.with_server:
@@ -430,7 +438,7 @@ class Chain:
         from .verifier import from_home
 
         creds = self.broker.server_credentials()
-        self.service = IngestService(lambda: Ingest(from_home(self.home), Store(self.db_path)),
+        self.service = IngestService(lambda: Ingest(from_home(self.home), Store(self.db_url)),
                                      self.broker.server_port, creds["username"],
                                      creds["password"])
         self.service.start()
@@ -451,7 +459,7 @@ class Chain:
         if self.fresh and budget.exists():
             budget.unlink()
         self.lora_intake = ChirpstackIntake(
-            lambda: Ingest(from_home(self.home), Store(self.db_path), worker_id=1),
+            lambda: Ingest(from_home(self.home), Store(self.db_url), worker_id=1),
             self.broker.server_port, creds["username"], creds["password"],
             load_dev_euis(self.home), worker_id=1,
             downlinks_per_day=self.lora["downlinks_per_day"], budget_path=budget).start()
@@ -525,7 +533,7 @@ class Chain:
     def ledger(self):
         from .server.store import Store
 
-        store = Store(self.db_path, readonly=True)
+        store = Store(self.db_url, readonly=True)
         try:
             return store.ledger([DEVICE]).get(DEVICE, {})
         finally:
@@ -536,12 +544,13 @@ class Chain:
         self.service.wait_idle(10)
         if self.lora_intake is not None:
             self.lora_intake.wait_idle(10)
-        import sqlite3
+        from .server.store import Store
 
-        db = sqlite3.connect("file:%s?mode=ro" % self.db_path, uri=True)
+        db = Store(self.db_url, readonly=True)
         try:
-            rows = db.execute("SELECT epoch, seq, fields FROM objects WHERE device=? AND "
-                              "fields IS NOT NULL", (DEVICE,)).fetchall()
+            rows = [tuple(r) for r in db.execute(
+                "SELECT epoch, seq, fields FROM objects WHERE device=? AND fields IS NOT NULL",
+                (DEVICE,))]
         finally:
             db.close()
         for epoch, seq, fields in sorted(rows):
