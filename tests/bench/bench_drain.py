@@ -140,6 +140,7 @@ def drain(mode, chain, mpy, base, work, snapshot, backlog, emu_args):
         if emu:
             emu.stop()
     got = stored(chain.db_path, ep)
+    led = chain.ledger()
     times = sorted(got.values())
     missing = set(backlog["seqs"]) - set(got)
     s = fw.summary()
@@ -147,6 +148,8 @@ def drain(mode, chain, mpy, base, work, snapshot, backlog, emu_args):
     seconds = times[-1] - t_open
     out = {"mode": mode, "firmware_exit": rc, "objects": len(got), "missing": len(missing),
            "drained": "I app: drain: outbox empty" in fw.text(), "seconds": seconds,
+           "ledger_missing": led.get("missing"),
+           "checkpoint_mismatches": led.get("checkpoint_mismatches"),
            "objects_per_s": len(got) / seconds,
            "link_frames": s["link_frames"], "link_bytes": s["link_bytes"],
            "link_objects": s["link_objects"], "retransmissions": s["link_retransmissions"],
@@ -196,6 +199,7 @@ def limits(e, backlog, window, loopback=None):
         "window_ceiling_ratio": window_ceiling,
         "window_needed_for_90pct": 0.9 * up * per_frame_s / ip_per_obj,
         "link_bytes_per_object": obj_b,
+        "frames_per_s": frames / e["seconds"],
         "seconds_per_frame_ms": per_frame_s * 1000,
         "frame_bytes_mean": frame_b,
         "objects_per_frame": e["link_objects"] / frames,
@@ -265,6 +269,8 @@ def main():
     out["load_end"] = os.getloadavg()
     for r in runs:
         out[r["mode"]] = r
+        print("ledger %-8s %s gaps, %s checkpoint mismatches" % (
+            r["mode"], r["ledger_missing"], r["checkpoint_mismatches"]), flush=True)
         print("drain %-9s %d objects (%d missing, outbox %s) in %.2f s: %.0f objects/s, "
               "%.0f link-frame bytes/s; %d frames, %d retransmissions, %d acks, "
               "longest radio block %s ms" % (
