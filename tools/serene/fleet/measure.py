@@ -119,6 +119,7 @@ def main(argv=None):
         "server_start_s": round(t_server, 2),
         "objects_per_s": rep["objects_per_s"], "ack_latency_ms": rep["ack_latency_ms"],
         "ack_latency_ms_by_kind": rep["ack_latency_ms_by_kind"],
+        "ack_latency_ms_retransmitted": rep["ack_latency_ms_retransmitted"],
         "objects_sent": rep["objects_sent"], "objects_acked": rep["objects_acked"],
         "stored_in_db_for_the_run": stored, "rejects_in_db": rejects, "lost": rep["lost"],
         "errors": {k: v for k, v in rep["errors"].items() if v},

@@ -256,6 +256,8 @@ class SimModule:
             ob = self.outbox.pop(s)
             f.latencies.append(now - ob[2])
             f.latencies_by_kind[ob[0]].append(now - ob[2])
+            if ob[4] > f.ack_timeout:  # its timer fired at least once: sent again
+                f.latencies_retransmitted.append(now - ob[2])
         f.objects_acked += len(newly)
         f.last_ack_at = now
         self.cum = cum
@@ -293,6 +295,7 @@ class Fleet:
         self.errors = collections.Counter({k: 0 for k in ERRORS})
         self.latencies = []
         self.latencies_by_kind = {K_EPOCH: [], K_RECORD: [], K_CHECKPOINT: []}
+        self.latencies_retransmitted = []  # of the objects acknowledged after a retransmission
         self.n_done = self.n_gave_up = 0
         self._n = 0  # heap tie-breaker
         self.stopping = False
@@ -545,6 +548,7 @@ class Fleet:
             "ack_latency_ms_by_kind": {name: dist(self.latencies_by_kind[k]) for k, name in
                                        ((K_EPOCH, "epoch"), (K_RECORD, "record"),
                                         (K_CHECKPOINT, "checkpoint"))},
+            "ack_latency_ms_retransmitted": dist(self.latencies_retransmitted),
             "errors": dict(self.errors),
             "refused_reasons": dict(self.refused_reasons),
             "disconnect_reasons": dict(self.disconnect_reasons),
