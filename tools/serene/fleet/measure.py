@@ -67,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--checkpoint-every", type=int, default=32)
     ap.add_argument("--connect-rate", type=float, default=500.0)
+    ap.add_argument("--fixed-rto", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args(argv)
     home = pathlib.Path(a.home)
@@ -93,7 +94,8 @@ def main(argv=None):
         fleet = subprocess.run(SERENE + [
             "fleet", "--home", str(home), "--modules", str(a.modules), "--rate", str(a.rate),
             "--seconds", str(a.seconds), "--checkpoint-every", str(a.checkpoint_every),
-            "--connect-rate", str(a.connect_rate), "--json", str(out)])
+            "--connect-rate", str(a.connect_rate), "--json", str(out)]
+            + (["--fixed-rto"] if a.fixed_rto else []))
         wall = time.monotonic() - w0
         s1, m1, b1 = cpu_s(server.pid), cpu_s(mosq), machine_busy_s()
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -116,6 +118,7 @@ def main(argv=None):
     other = (b1 - b0) - srv - mq - fleet_cpu
     res = {
         "modules": a.modules, "rate_per_module": a.rate, "seconds": a.seconds,
+        "rto": "fixed" if a.fixed_rto else "adaptive",
         "server_start_s": round(t_server, 2),
         "objects_per_s": rep["objects_per_s"], "ack_latency_ms": rep["ack_latency_ms"],
         "ack_latency_ms_by_kind": rep["ack_latency_ms_by_kind"],

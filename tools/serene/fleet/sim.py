@@ -78,6 +78,8 @@ class SimModule:
         self.done = False  # closed and acknowledged, or gave up: counted once in fleet.n_done
         self.gave_up = False
         self.rto_at = None  # when its earliest retransmission timer fires (the fleet's heap)
+        self.rto = fleet.ack_timeout  # for new objects (sample_rtt)
+        self.srtt = self.rttvar = None
 
     # --- objects -----------------------------------------------------------------------
 
@@ -153,9 +155,9 @@ class SimModule:
     # --- link layer ---------------------------------------------------------------------
 
     def send_new(self, objs, now):
-        rto = self.fleet.ack_timeout
+        rto = self.rto
         for seq, kind, data in objs:
-            self.outbox[seq] = [kind, data, now, now, rto]
+            self.outbox[seq] = [kind, data, now, now, rto, 0]  # ..., rto, retransmissions
         self.fleet.pending.add(self.idx)
         self.fleet.objects_sent += len(objs)
         self.arm(now + rto)
@@ -197,7 +199,9 @@ class SimModule:
                 due.append((seq, ob[0], ob[1]))
                 ob[3] = now
                 ob[4] = min(ob[4] * 2, RTO_MAX_S)
+                ob[5] += 1
         if due:
+            self.rto = min(self.rto * 2, RTO_MAX_S)  # back off, as TCP does on a timeout
             self.fleet.errors["timeouts"] += 1
             self.fleet.errors["retransmissions"] += len(due)
             self.publish(sorted(due))
@@ -209,6 +213,19 @@ class SimModule:
             for ob in self.outbox.values():
                 ob[3] = now
             self.publish(sorted((s, ob[0], ob[1]) for s, ob in self.outbox.items()))
+
+    def sample_rtt(self, r):
+        """The retransmission timeout from the measured ack round trips (RFC 6298: SRTT +
+        4 RTTVAR), never below --ack-timeout: queueing at the server raises it, so the fleet
+        does not retransmit what is only waiting (copies are more load: a collapse)."""
+        if not self.fleet.adaptive:
+            return
+        if self.srtt is None:
+            self.srtt, self.rttvar = r, r / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
+            self.srtt = 0.875 * self.srtt + 0.125 * r
+        self.rto = min(RTO_MAX_S, max(self.fleet.ack_timeout, self.srtt + 4 * self.rttvar))
 
     def on_ack(self, payload, now):
         f = self.fleet
@@ -256,8 +273,10 @@ class SimModule:
             ob = self.outbox.pop(s)
             f.latencies.append(now - ob[2])
             f.latencies_by_kind[ob[0]].append(now - ob[2])
-            if ob[4] > f.ack_timeout:  # its timer fired at least once: sent again
+            if ob[5]:  # sent again: its round trip is ambiguous (Karn), not sampled
                 f.latencies_retransmitted.append(now - ob[2])
+            else:
+                self.sample_rtt(now - ob[2])
         f.objects_acked += len(newly)
         f.last_ack_at = now
         self.cum = cum
@@ -273,7 +292,7 @@ class Fleet:
 
     def __init__(self, home, port, modules, creds, server_pub, rate=1.0, seconds=10.0,
                  checkpoint_every=32, connect_rate=500.0, ack_timeout=3.0, drain_s=60.0,
-                 host="127.0.0.1", keepalive=60, seed=None, log=print):
+                 host="127.0.0.1", keepalive=60, seed=None, log=print, adaptive=True):
         self.home = home
         self.port = port
         self.host = host
@@ -282,6 +301,7 @@ class Fleet:
         self.checkpoint_every = checkpoint_every
         self.connect_rate = connect_rate
         self.ack_timeout = ack_timeout
+        self.adaptive = adaptive  # rto from measured round trips (else fixed ack_timeout)
         self.drain_s = drain_s
         self.keepalive = keepalive
         self.server_pub = server_pub
