@@ -179,3 +179,23 @@ def test_fleet_of_200_against_serene_server_stores_everything_exactly_once(fleet
         ep = [e for e in d["epochs"] if e["epoch"] == epoch][0]
         assert ep["gaps"] == [] and ep["checkpoints"]["mismatch"] == 0
         assert ep["checkpoints"]["pending"] == 0 and ep["checkpoints"]["verified"] >= 3
+
+
+def test_rto_follows_the_measured_round_trips_but_not_retransmitted_ones(fleet_home):
+    fleet, m = _module(fleet_home)
+    assert m.rto == fleet.ack_timeout == 3.0
+    for _ in range(20):
+        m.sample_rtt(0.05)
+    assert m.rto == 3.0  # never below --ack-timeout
+    for _ in range(20):
+        m.sample_rtt(8.0)  # the server's queue grows: the timer follows it
+    assert 8.0 < m.rto <= sim.RTO_MAX_S
+    fleet2, m2 = _module(fleet_home)
+    t = time.monotonic()
+    m2.send_new([(0, sim.K_EPOCH, b"e")], t)
+    m2.subscribed = True
+    m2.publish = lambda objs: None  # no connection: count what would be sent
+    m2.retransmit_due(t + 3.5)
+    assert fleet2.errors["retransmissions"] == 1 and m2.rto == 6.0  # backed off
+    m2.on_ack(_ack(m2, 0, 0, 1), t + 4.0)  # acked after a retransmission: not sampled
+    assert m2.srtt is None and len(fleet2.latencies_retransmitted) == 1
