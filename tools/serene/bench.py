@@ -472,7 +472,8 @@ class Chain:
 
         def drop(index, gw, seed=4242):
             # Frame loss: the same frame lost at both gateways (a fade at the module).
-            return random.Random(seed * 1_000_003 + index).random() < loss
+            # (a string seed is hashed: consecutive integer seeds are not independent draws)
+            return random.Random("%d-%d" % (seed, index)).random() < loss
 
         gws = [Gateway("aa555a0000000001", distance_m=300),
                Gateway("aa555a0000000002", distance_m=900)]
