@@ -72,10 +72,10 @@ if sys.implementation.name != "micropython":
     with tempfile.TemporaryDirectory() as d:
         code = upy.compile_tree(pathlib.Path(d) / "mpy")
         upy.compile_file(__file__, code / "bench_mqtt.mpy")
-        with Broker(pathlib.Path(d) / "home", [DEVICE], tls=True) as brk:
+        with Broker(pathlib.Path(d) / "home", [DEVICE], tls=True, plain=True) as brk:
             creds = brk.credentials(DEVICE)
             srv = brk.server_credentials()
-            probe = Probe(brk.port, srv["username"], srv["password"])
+            probe = Probe(brk.server_port, srv["username"], srv["password"])
             probe.subscribe("serene/+/up", qos=1)
             counter = Counter(probe)
             for variant in VARIANTS:
