@@ -348,6 +348,9 @@ def config_text(log, device_listeners, server_listener):
         "max_inflight_messages %d" % MAX_INFLIGHT,
         "max_queued_messages %d" % MAX_QUEUED_MESSAGES,
         "max_queued_bytes %d" % MAX_QUEUED_BYTES,
+        # Each ack is one small PUBLISH: without TCP_NODELAY it waits for the peer's delayed
+        # TCP ACK (Nagle), ~40 ms on Linux. Measured by serene fleet: ack p50 49.7 -> 9.1 ms.
+        "set_tcp_nodelay true",
     ]
     if os.geteuid() == 0:
         # As root Mosquitto would switch to the 'mosquitto' user, who cannot read our 0600
