@@ -221,21 +221,26 @@ _CP_COLS = (checkpoints.c.seq, checkpoints.c.first_seq, checkpoints.c.count, che
 
 class _Frame:
     """A frame's SAVEPOINT (Store.savepoint): rollback() also takes back what the frame added
-    to the counters and received seqs held in memory until commit()."""
+    to the counters and received seqs held in memory until commit(). The SAVEPOINT statements
+    go to the DBAPI cursor, as the hot-path statements do: through SQLAlchemy's begin_nested()
+    each was compiled anew, ~135 us a statement, two a frame (the frame cost 1.47 ms instead of
+    0.85 ms). The syntax is the same on SQLite and PostgreSQL."""
 
-    __slots__ = ("store", "nested")
+    __slots__ = ("store", "cur")
 
-    def __init__(self, store, nested):
-        self.store, self.nested = store, nested
+    def __init__(self, store, cur):
+        self.store, self.cur = store, cur
+        cur.execute("SAVEPOINT serene_frame")
 
     def commit(self):
-        self.nested.commit()
+        self.cur.execute("RELEASE SAVEPOINT serene_frame")
         self.store._undo = None
 
     def rollback(self):
         st = self.store
         try:
-            self.nested.rollback()
+            self.cur.execute("ROLLBACK TO SAVEPOINT serene_frame")
+            self.cur.execute("RELEASE SAVEPOINT serene_frame")
         finally:
             for d, key, n in reversed(st._undo or ()):
                 if n is None:
@@ -357,7 +362,9 @@ class Store:
                 self._wrote = False
             self._batch = True
         self._undo = []
-        return _Frame(self, self.conn.begin_nested())
+        if not self.conn.in_transaction():
+            self.conn.begin()
+        return _Frame(self, self.conn.connection.dbapi_connection.cursor())
 
     def _x(self, name, params):
         """Run a compiled hot-path statement (_Sql.compile) in the current transaction (begun
