@@ -226,7 +226,7 @@ class PgCluster:
 @pytest.fixture(scope="session")
 def pg_cluster():
     if _pg_bin() is None:
-        pytest.skip("PostgreSQL is not installed (tools/dev setup installs it)")
+        pytest.fail("PostgreSQL is not installed: run tools/dev setup (it installs it)")
     c = PgCluster()
     yield c
     c.stop()

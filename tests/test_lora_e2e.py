@@ -37,7 +37,7 @@ def free_port():
 @pytest.fixture
 def broker(tmp_path):
     if not os.path.exists(MOSQUITTO):
-        pytest.skip("no mosquitto")
+        pytest.fail("mosquitto is not installed: run tools/dev setup")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\n" % port)

@@ -13,9 +13,12 @@ import sqlalchemy as sa
 from webapp_fixtures import (add_patient, add_user, feed, launch_chromium, login,
                              provision_home, status)
 
-pytest.importorskip("playwright")
+import playwright  # noqa: E402,F401 - installed by tools/dev (pyproject.toml)
+
 if not shutil.which("chromium") and not __import__("os").path.exists("/usr/bin/chromium"):
-    pytest.skip("no /usr/bin/chromium (tools/dev setup installs it)", allow_module_level=True)
+    # A missing browser is a set-up failure, never a skipped test (tools/dev installs it).
+    pytest.fail("no /usr/bin/chromium: run tools/dev setup (it installs Debian's chromium)",
+                pytrace=False)
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
