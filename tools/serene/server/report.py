@@ -24,7 +24,7 @@ from ..cli import CliError
 
 
 def add_arguments(p):
-    from .cli import add_db_argument
+    from .options import add_db_argument
 
     p.add_argument("--home", required=True, help="provisioning home of the server")
     add_db_argument(p)
@@ -129,14 +129,14 @@ def _when(t):
 
 
 def run(args):
-    from .cli import use_db
+    from .options import use_db
 
     url = use_db(args)
     led = ledger(args.home, args.device, url)
     out = {"devices": led, "generated_at": time.time()}
     if args.audit:
         from . import audit
-        from .cli import load_verifier
+        from .options import load_verifier
 
         load_verifier(args.home)  # a clear error when the server identity is missing
         out["audit"] = audit.audit(args.home, url)

@@ -152,9 +152,12 @@ def resolve_url(home, url=None):
     url = url or os.environ.get("SERENE_DB")
     if url:
         return url
-    from .store import db_path
-
     return sqlite_url(db_path(home))
+
+
+def db_path(home):
+    """The embedded default: the SQLite file of a server home."""
+    return pathlib.Path(home) / "server" / "ingest.sqlite3"
 
 
 def is_url(target):

@@ -45,7 +45,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from . import schema
-from .schema import StoreError  # noqa: F401 - part of this module's API
+from .schema import StoreError, db_path  # noqa: F401 - part of this module's API
 from .schema import (ack_pivs, checkpoints, counters, device_state, epochs, objects,
                      received, rejects, workers)
 
@@ -54,10 +54,6 @@ REJECTS_KEPT = 1000
 RECENT_REJECTS = 20
 #: per device and commit, at most this many sample rows are written (the counts are exact)
 SAMPLES_PER_COMMIT = 20
-
-
-def db_path(home):
-    return pathlib.Path(home) / "server" / "ingest.sqlite3"
 
 
 def db_url(home, url=None):

@@ -17,7 +17,7 @@ import pathlib
 import sys
 
 from ..cli import CliError
-from ..server.cli import add_db_argument, use_db
+from ..server.options import add_db_argument, use_db
 
 
 def add_users_arguments(p):
